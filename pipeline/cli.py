@@ -1,0 +1,177 @@
+"""``python -m pipeline <stage>``: the one command line that dvc.yaml and people call.
+
+The parameters are loaded here, once (``--params``, ``--profile``, ``--set``), and the
+environment is read here only (``MNIST_SOURCE``); stage functions get a :class:`Config`.
+Heavy libraries (torch, GX, onnxruntime) are imported by the stage that needs them, so
+``--help`` and ``ingest`` start fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.config import Config, load_config
+from pipeline.errors import ConfigError, PipelineError
+
+log = logging.getLogger("pipeline")
+
+SOURCE_ENV = "MNIST_SOURCE"
+
+
+def _ingest(cfg: Config, args: argparse.Namespace) -> None:
+    from pipeline.ingest import ingest
+
+    result = ingest(cfg.data)
+    log.info("ingest: %s", result.summary())
+
+
+def _validate(cfg: Config, args: argparse.Namespace) -> None:
+    from pipeline.validate import run_validation
+
+    result = run_validation(cfg.data.prepared_dir, cfg.validate)
+    log.info("validate: %s", result.summary())
+
+
+def _train(cfg: Config, args: argparse.Namespace) -> None:
+    from pipeline.train import run_train_stage
+
+    run_train_stage(cfg, resume=args.resume)
+
+
+def _evaluate(cfg: Config, args: argparse.Namespace) -> None:
+    from pipeline.evaluate import run_evaluate_stage
+
+    run_evaluate_stage(cfg)
+
+
+def _export(cfg: Config, args: argparse.Namespace) -> None:
+    from pipeline.export import run_export_stage
+
+    run_export_stage(cfg)
+
+
+def _gate(cfg: Config, args: argparse.Namespace) -> None:
+    from pipeline.gate import run_gate_stage
+
+    run_gate_stage(cfg)
+
+
+def _promote(cfg: Config, args: argparse.Namespace) -> None:
+    from pipeline.registry import promote
+
+    promote(cfg)
+
+
+def _rollback(cfg: Config, args: argparse.Namespace) -> None:
+    from pipeline.registry import rollback
+
+    rollback(cfg)
+
+
+def _serve(cfg: Config, args: argparse.Namespace) -> None:
+    from pipeline.serving.server import run_server
+
+    run_server(cfg.serve, cfg.registry, host=args.host, port=args.port)
+
+
+def _predict(cfg: Config, args: argparse.Namespace) -> None:
+    from pipeline.serving.predict_cli import predict_files
+
+    predict_files(cfg, [Path(p) for p in args.files], model=args.model)
+
+
+Handler = Callable[[Config, argparse.Namespace], None]
+
+STAGES: dict[str, tuple[Handler, str]] = {
+    "ingest": (_ingest, "verify, parse and store the four MNIST files"),
+    "validate": (_validate, "compute dataset statistics and check them with Great Expectations"),
+    "train": (_train, "train the candidate model"),
+    "evaluate": (_evaluate, "test-set metrics, confusion matrix, worst mistakes"),
+    "export": (_export, "export the candidate to ONNX and check parity with PyTorch"),
+    "gate": (_gate, "accept or reject the candidate (exits non-zero on rejection)"),
+    "promote": (_promote, "install a gated candidate as the production model"),
+    "rollback": (_rollback, "restore the previous production model"),
+    "serve": (_serve, "HTTP inference service on the production model"),
+    "predict": (_predict, "classify image files with the production model"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline",
+        description="MNIST MLOps pipeline. Parameters come from params.yaml.",
+    )
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="parameters file")
+    parser.add_argument("--profile", help="profile from params.yaml `profiles` (e.g. quick)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one parameter, e.g. --set train.epochs=3 (value parsed as YAML)",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
+    parsers = {name: sub.add_parser(name, help=text, description=text) for name, (_, text) in STAGES.items()}
+    parsers["train"].add_argument(
+        "--resume", action="store_true", help="continue from the last checkpoint"
+    )
+    parsers["serve"].add_argument("--host", help="bind address (default: serve.host)")
+    parsers["serve"].add_argument("--port", type=int, help="port (default: serve.port)")
+    parsers["predict"].add_argument("files", nargs="+", help="PNG/JPEG files")
+    parsers["predict"].add_argument(
+        "--model", type=Path, help="ONNX model (default: the production model)"
+    )
+    return parser
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--set {item!r}: value is not valid YAML: {err}") from err
+    return out
+
+
+def config_from_args(args: argparse.Namespace, environ: dict[str, str]) -> Config:
+    overrides = parse_overrides(args.overrides)
+    if args.profile:
+        overrides["profile"] = args.profile
+    source = environ.get(SOURCE_ENV)
+    if source:
+        overrides["data.source"] = source
+    return load_config(args.params, overrides)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        cfg = config_from_args(args, dict(os.environ))
+        handler, _ = STAGES[args.stage]
+        handler(cfg, args)
+    except PipelineError as err:
+        print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0

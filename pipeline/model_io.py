@@ -1,0 +1,80 @@
+"""The candidate model file: ``models/candidate/model.pt``.
+
+A plain dict saved with ``torch.save`` and loadable with ``torch.load(weights_only=True)``::
+
+    {
+      "format": "mnist-mlops/model-v1",
+      "model": {"name": "cnn", "width": 32},
+      "normalization": {"mean": 0.1307, "std": 0.3081},   # from the validate stage
+      "state_dict": {...},                                # float32 tensors, CPU
+      "meta": {...},                                      # JSON-able provenance/metrics
+    }
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline.atomic import write_bytes
+from pipeline.errors import ModelFileError
+from pipeline.models import build_model
+
+FORMAT = "mnist-mlops/model-v1"
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    module: nn.Module
+    name: str
+    width: int
+    mean: float
+    std: float
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def save_model_file(
+    path: Path, model: nn.Module, name: str, width: int, mean: float, std: float,
+    meta: dict[str, Any] | None = None,
+) -> Path:
+    """Write the model file atomically; tensors are copied to the CPU as float32."""
+    state = {k: v.detach().to("cpu").clone().contiguous() for k, v in model.state_dict().items()}
+    payload = {
+        "format": FORMAT,
+        "model": {"name": name, "width": int(width)},
+        "normalization": {"mean": float(mean), "std": float(std)},
+        "state_dict": state,
+        "meta": meta or {},
+    }
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    return write_bytes(Path(path), buf.getvalue())
+
+
+def load_model_file(path: Path, map_location: str | torch.device = "cpu") -> LoadedModel:
+    """Load and rebuild the model in eval mode. Raises :class:`ModelFileError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"{path}: model file not found; run the train stage first")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - torch raises many types for a corrupt file
+        raise ModelFileError(f"{path}: not a readable model file: {err}") from err
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ModelFileError(f"{path}: not a {FORMAT} file")
+    spec, norm = payload["model"], payload["normalization"]
+    module = build_model(spec["name"], spec["width"])
+    try:
+        module.load_state_dict(payload["state_dict"])
+    except RuntimeError as err:
+        raise ModelFileError(f"{path}: weights do not fit model {spec}: {err}") from err
+    module.eval()
+    return LoadedModel(
+        module=module, name=spec["name"], width=int(spec["width"]),
+        mean=float(norm["mean"]), std=float(norm["std"]), meta=dict(payload.get("meta", {})),
+    )
