@@ -104,24 +104,44 @@ STAGES: dict[str, tuple[Handler, str]] = {
 }
 
 
+def _common_options(defaults: bool) -> argparse.ArgumentParser:
+    """Global options, accepted before or after the stage name."""
+    common = argparse.ArgumentParser(add_help=False)
+
+    def d(value: Any) -> Any:
+        # Sub-parsers must not reset what was given before the stage name.
+        return value if defaults else argparse.SUPPRESS
+
+    common.add_argument(
+        "--params", type=Path, default=d(Path("params.yaml")), help="parameters file"
+    )
+    common.add_argument("--profile", default=d(None), help="profile from params.yaml `profiles`")
+    common.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=d([]),
+        metavar="KEY=VALUE",
+        help="override one parameter, e.g. --set train.epochs=3 (value parsed as YAML)",
+    )
+    common.add_argument(
+        "-v", "--verbose", action="store_true", default=d(False), help="debug logging"
+    )
+    return common
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline",
         description="MNIST MLOps pipeline. Parameters come from params.yaml.",
+        parents=[_common_options(defaults=True)],
     )
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="parameters file")
-    parser.add_argument("--profile", help="profile from params.yaml `profiles` (e.g. quick)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override one parameter, e.g. --set train.epochs=3 (value parsed as YAML)",
-    )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
-    parsers = {name: sub.add_parser(name, help=text, description=text) for name, (_, text) in STAGES.items()}
+    common = _common_options(defaults=False)
+    parsers = {
+        name: sub.add_parser(name, help=text, description=text, parents=[common])
+        for name, (_, text) in STAGES.items()
+    }
     parsers["train"].add_argument(
         "--resume", action="store_true", help="continue from the last checkpoint"
     )

@@ -15,8 +15,8 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-from dataclasses import asdict, is_dataclass
 from collections.abc import Mapping
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_type_hints
 
@@ -37,7 +37,7 @@ UnitFloat = Annotated[float, Field(ge=0, le=1)]
 
 DEFAULT_MIRRORS = (
     "https://ossci-datasets.s3.amazonaws.com/mnist/",
-    "http://yann.lecun.com/exdb/mnist/",
+    "https://storage.googleapis.com/cvdf-datasets/mnist/",
 )
 
 
@@ -58,9 +58,8 @@ class ValidateConfig:
     """Expectations on the dataset statistics and where the reports go."""
 
     stats_path: PathField = Path("metrics/data_stats.json")
-    table_path: PathField = Path("reports/validation/image_summary.parquet")
-    result_path: PathField = Path("reports/validation/result.json")
-    docs_dir: PathField = Path("reports/validation/data_docs")
+    # Holds result.json, image_summary.csv.gz and data_docs/ (GX HTML); replaced as a whole.
+    report_dir: PathField = Path("reports/validation")
     reference_profile: PathField = Path("data/reference_profile.json")
     expected_train_count: PosInt = 60000
     expected_test_count: PosInt = 10000
@@ -195,6 +194,9 @@ class Config:
         }.items():
             if not lo <= hi:
                 raise ValueError(f"{name}: lower bound {lo} exceeds upper bound {hi}")
+        insecure = [m for m in self.data.mirrors if not m.startswith("https://")]
+        if insecure:
+            raise ValueError(f"data.mirrors: only https:// mirrors are allowed, got {insecure}")
         if self.validate.min_class_fraction > self.validate.max_class_fraction:
             raise ValueError("validate.min_class_fraction exceeds validate.max_class_fraction")
         return self
@@ -334,6 +336,7 @@ def load_config(
 
 def to_dict(cfg: Any) -> dict[str, Any]:
     """A JSON-ready dict of a config dataclass (paths as strings, tuples as lists)."""
+
     def conv(v: Any) -> Any:
         if isinstance(v, Path):
             return str(v)

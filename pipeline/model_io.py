@@ -39,7 +39,12 @@ class LoadedModel:
 
 
 def save_model_file(
-    path: Path, model: nn.Module, name: str, width: int, mean: float, std: float,
+    path: Path,
+    model: nn.Module,
+    name: str,
+    width: int,
+    mean: float,
+    std: float,
     meta: dict[str, Any] | None = None,
 ) -> Path:
     """Write the model file atomically; tensors are copied to the CPU as float32."""
@@ -63,7 +68,7 @@ def load_model_file(path: Path, map_location: str | torch.device = "cpu") -> Loa
         raise ModelFileError(f"{path}: model file not found; run the train stage first")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # noqa: BLE001 - torch raises many types for a corrupt file
+    except Exception as err:
         raise ModelFileError(f"{path}: not a readable model file: {err}") from err
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ModelFileError(f"{path}: not a {FORMAT} file")
@@ -75,6 +80,10 @@ def load_model_file(path: Path, map_location: str | torch.device = "cpu") -> Loa
         raise ModelFileError(f"{path}: weights do not fit model {spec}: {err}") from err
     module.eval()
     return LoadedModel(
-        module=module, name=spec["name"], width=int(spec["width"]),
-        mean=float(norm["mean"]), std=float(norm["std"]), meta=dict(payload.get("meta", {})),
+        module=module,
+        name=spec["name"],
+        width=int(spec["width"]),
+        mean=float(norm["mean"]),
+        std=float(norm["std"]),
+        meta=dict(payload.get("meta", {})),
     )

@@ -60,6 +60,6 @@ def create_session(path: Path, device: Device = "auto", intra_op_threads: int = 
         opts.intra_op_num_threads = intra_op_threads
     try:
         sess = ort.InferenceSession(str(path), opts, providers=requested_providers(device))
-    except (RuntimeError, ort.capi.onnxruntime_pybind11_state.Fail) as err:  # type: ignore[attr-defined]
+    except (RuntimeError, ort.capi.onnxruntime_pybind11_state.Fail) as err:
         raise ModelFileError(f"{path}: onnxruntime cannot load it: {err}") from err
     return Session(session=sess, provider=sess.get_providers()[0])
