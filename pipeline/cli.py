@@ -184,6 +184,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if not args.verbose:
+        # GX logs its own start-up at INFO; keep the stage's output readable.
+        logging.getLogger("great_expectations").setLevel(logging.WARNING)
     try:
         cfg = config_from_args(args, dict(os.environ))
         handler, _ = STAGES[args.stage]
