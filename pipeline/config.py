@@ -86,10 +86,10 @@ class TrainConfig:
     """Model, optimisation and runtime settings of the train stage."""
 
     model: Literal["mlp", "seed_cnn", "cnn"] = "cnn"
-    width: PosInt = 32
+    width: PosInt = 24
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: NonNegInt = 0
-    epochs: PosInt = 10
+    epochs: PosInt = 5
     batch_size: PosInt = 128
     eval_batch_size: PosInt = 1000
     val_size: NonNegInt = 5000
@@ -159,7 +159,10 @@ class ServeConfig:
     max_batch: PosInt = 1024
     max_body_bytes: PosInt = 8 * 1024 * 1024
     reload_interval_s: PosFloat = 1.0
-    intra_op_threads: NonNegInt = 0
+    # One thread per inference: requests are small and the event loop needs the other core.
+    intra_op_threads: NonNegInt = 1
+    # Decoded size cap of an uploaded image: a tiny PNG can decode to gigabytes.
+    max_image_pixels: PosInt = 40_000_000
 
 
 @dataclass(frozen=True, config=_STRICT)

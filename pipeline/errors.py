@@ -74,3 +74,11 @@ class GateRejected(PipelineError):
 
 class PromotionError(PipelineError):
     """Promotion or rollback cannot proceed (no passed gate, nothing to roll back)."""
+
+
+class ImageDecodeError(PipelineError):
+    """An image file or upload cannot be decoded, is not PNG/JPEG, is too large or blank."""
+
+
+class OrchestrationError(PipelineError):
+    """A DVC command run by the Prefect flow failed, or DVC and the flow disagree afterwards."""

@@ -1,0 +1,68 @@
+"""Device selection logic (no GPU needed: the CUDA probe is injected)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.device import configure_runtime, resolve_threads, select_device
+from pipeline.errors import ConfigError
+
+
+def yes() -> bool:
+    return True
+
+
+def no() -> bool:
+    return False
+
+
+@pytest.mark.parametrize(
+    ("requested", "probe", "expected"),
+    [
+        ("auto", yes, "cuda"),
+        ("auto", no, "cpu"),
+        ("cpu", yes, "cpu"),
+        ("cpu", no, "cpu"),
+        ("cuda", yes, "cuda"),
+    ],
+)
+def test_select_device(requested: str, probe: object, expected: str) -> None:
+    assert select_device(requested, probe).type == expected  # type: ignore[arg-type]
+
+
+def test_cuda_without_gpu_is_a_named_config_error() -> None:
+    with pytest.raises(ConfigError, match=r"train\.device: 'cuda' requested but no CUDA"):
+        select_device("cuda", no)
+
+
+def test_cpu_request_never_probes_cuda() -> None:
+    def explode() -> bool:
+        raise AssertionError("probed")
+
+    assert select_device("cpu", explode).type == "cpu"
+
+
+def test_unknown_device_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="unknown device"):
+        select_device("tpu", no)  # type: ignore[arg-type]
+
+
+def test_resolve_threads() -> None:
+    assert resolve_threads(3) == 3
+    assert resolve_threads(0, cpu_count=8) == 8
+    assert resolve_threads(0) >= 1
+
+
+def test_configure_runtime_cpu_sets_threads_and_no_amp() -> None:
+    before = torch.get_num_threads()
+    try:
+        info = configure_runtime(
+            torch.device("cpu"), 1, amp=True, channels_last=True, compile_model=False
+        )
+        assert torch.get_num_threads() == 1
+        assert info.device == "cpu" and info.num_threads == 1
+        assert info.amp_dtype is None  # bf16 autocast is for CUDA only
+        assert info.device_name
+    finally:
+        torch.set_num_threads(before)
