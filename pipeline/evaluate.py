@@ -1,0 +1,275 @@
+"""The evaluate stage: test-set metrics, confusion matrix and the worst mistakes.
+
+Everything is computed from the PyTorch logits of the candidate on the 10,000 test
+images (raw pixels through :class:`pipeline.export.RawPixelClassifier`, i.e. the same
+normalisation the exported graph applies). Outputs (paths from ``cfg.evaluate``):
+
+- ``metrics/eval.json``: accuracy, loss (mean cross-entropy, no label smoothing), n,
+  errors, macro F1, model sha256, dataset version (DVC metrics).
+- ``metrics/eval_per_class.json``: precision/recall/F1/support per digit.
+- ``reports/eval/confusion.csv``: ``actual,predicted``, one row per test image
+  (the DVC ``confusion`` plot template aggregates it).
+- ``reports/eval/confusion.png`` and ``reports/eval/mistakes.png`` (matplotlib, Agg).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from pipeline.atomic import sha256_file, write_bytes, write_json, write_text
+from pipeline.config import Config, EvaluateConfig
+from pipeline.model_io import LoadedModel
+
+log = logging.getLogger("pipeline.evaluate")
+
+NUM_CLASSES = 10
+Logits = npt.NDArray[np.float32]
+IntArray = npt.NDArray[np.int64]
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Metrics of ``n`` predictions. ``confusion[actual, predicted]`` counts, ``(10, 10)``."""
+
+    n: int
+    accuracy: float
+    loss: float
+    confusion: IntArray
+    precision: tuple[float, ...]
+    recall: tuple[float, ...]
+    f1: tuple[float, ...]
+    support: tuple[int, ...]
+
+    @property
+    def errors(self) -> int:
+        return int(self.n - np.trace(self.confusion))
+
+    @property
+    def macro_f1(self) -> float:
+        return float(np.mean(self.f1))
+
+    def per_class(self) -> dict[str, dict[str, float | int]]:
+        return {
+            str(c): {
+                "precision": self.precision[c],
+                "recall": self.recall[c],
+                "f1": self.f1[c],
+                "support": self.support[c],
+            }
+            for c in range(NUM_CLASSES)
+        }
+
+
+def log_softmax(logits: Logits) -> npt.NDArray[np.float64]:
+    """Numerically stable log-softmax over axis 1, in float64."""
+    z = np.asarray(logits, dtype=np.float64)
+    z = z - z.max(axis=1, keepdims=True)
+    out: npt.NDArray[np.float64] = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    return out
+
+
+def confusion_matrix(actual: npt.ArrayLike, predicted: npt.ArrayLike) -> IntArray:
+    """``(10, 10) int64``: rows actual, columns predicted."""
+    a = np.asarray(actual, dtype=np.int64)
+    p = np.asarray(predicted, dtype=np.int64)
+    if a.shape != p.shape:
+        raise ValueError(f"actual {a.shape} and predicted {p.shape} differ in shape")
+    for name, arr in (("actual", a), ("predicted", p)):
+        if arr.size and (arr.min() < 0 or arr.max() >= NUM_CLASSES):
+            raise ValueError(f"{name} labels must be in 0..{NUM_CLASSES - 1}")
+    cm = np.zeros((NUM_CLASSES, NUM_CLASSES), dtype=np.int64)
+    np.add.at(cm, (a, p), 1)
+    return cm
+
+
+def _safe_div(num: npt.NDArray[Any], den: npt.NDArray[Any]) -> npt.NDArray[np.float64]:
+    # A class never predicted (or absent) gets 0, not NaN: JSON-able and conservative.
+    out: npt.NDArray[np.float64] = np.divide(
+        num, den, out=np.zeros(num.shape, dtype=np.float64), where=den > 0
+    )
+    return out
+
+
+def compute_metrics(logits: Logits, labels: npt.ArrayLike) -> EvalResult:
+    """Metrics of ``(N, 10)`` logits against ``(N,)`` labels in 0..9 (N >= 1)."""
+    y = np.asarray(labels, dtype=np.int64)
+    z = np.asarray(logits)
+    if z.ndim != 2 or z.shape[1] != NUM_CLASSES or z.shape[0] != y.shape[0]:
+        raise ValueError(
+            f"logits must be (N, {NUM_CLASSES}) for {y.shape[0]} labels, got {z.shape}"
+        )
+    if y.size == 0:
+        raise ValueError("cannot evaluate an empty test set")
+    if not np.isfinite(z).all():
+        raise ValueError("logits contain NaN or Inf")
+    pred = z.argmax(axis=1)
+    cm = confusion_matrix(y, pred)
+    tp = np.diag(cm).astype(np.float64)
+    precision = _safe_div(tp, cm.sum(axis=0).astype(np.float64))
+    recall = _safe_div(tp, cm.sum(axis=1).astype(np.float64))
+    f1 = _safe_div(2 * precision * recall, precision + recall)
+    loss = float(-log_softmax(z)[np.arange(y.size), y].mean())
+    return EvalResult(
+        n=int(y.size),
+        accuracy=float((pred == y).mean()),
+        loss=loss,
+        confusion=cm,
+        precision=tuple(float(v) for v in precision),
+        recall=tuple(float(v) for v in recall),
+        f1=tuple(float(v) for v in f1),
+        support=tuple(int(v) for v in cm.sum(axis=1)),
+    )
+
+
+def confusion_csv(actual: npt.ArrayLike, predicted: npt.ArrayLike) -> str:
+    """``actual,predicted`` CSV text, one row per image (DVC ``confusion`` template)."""
+    a = np.asarray(actual, dtype=np.int64)
+    p = np.asarray(predicted, dtype=np.int64)
+    rows = "".join(f"{x},{y}\n" for x, y in zip(a.tolist(), p.tolist(), strict=True))
+    return "actual,predicted\n" + rows
+
+
+def worst_mistakes(logits: Logits, labels: npt.ArrayLike, k: int) -> IntArray:
+    """Indices of up to ``k`` misclassified images, most confident wrong answer first."""
+    y = np.asarray(labels, dtype=np.int64)
+    probs = np.exp(log_softmax(logits))
+    pred = probs.argmax(axis=1)
+    wrong = np.flatnonzero(pred != y)
+    conf = probs[wrong, pred[wrong]]
+    # Stable sort on -confidence: ties keep test-set order, so the figure is reproducible.
+    order = np.argsort(-conf, kind="stable")
+    out: IntArray = wrong[order[:k]].astype(np.int64)
+    return out
+
+
+def _png(fig: Any) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def confusion_png(cm: IntArray, title: str) -> bytes:
+    """Heat map of the confusion matrix with counts, as PNG bytes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 5.6))
+    # Log colour scale: the diagonal (~1000) would otherwise wash out the errors (~1-10).
+    ax.imshow(np.log1p(cm), cmap="Blues")
+    for (i, j), v in np.ndenumerate(cm):
+        if v:
+            color = "white" if np.log1p(v) > 0.6 * np.log1p(cm.max()) else "black"
+            ax.text(j, i, str(v), ha="center", va="center", fontsize=7, color=color)
+    ax.set_xticks(range(NUM_CLASSES))
+    ax.set_yticks(range(NUM_CLASSES))
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("actual")
+    ax.set_title(title)
+    return _png(fig)
+
+
+def mistakes_png(
+    images: npt.NDArray[np.uint8],
+    labels: npt.ArrayLike,
+    logits: Logits,
+    indices: IntArray,
+    title: str,
+) -> bytes:
+    """Grid of the given test images titled ``#idx true->pred (p)``, as PNG bytes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    y = np.asarray(labels, dtype=np.int64)
+    probs = np.exp(log_softmax(logits))
+    cols = 6
+    rows = max(1, -(-len(indices) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.5, rows * 1.7), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, i in zip(axes.flat, indices.tolist(), strict=False):
+        p = int(probs[i].argmax())
+        ax.imshow(images[i], cmap="gray", vmin=0, vmax=255)
+        ax.set_title(f"#{i} {y[i]}\u2192{p} ({probs[i, p]:.2f})", fontsize=7)
+    if len(indices) == 0:
+        axes.flat[0].text(0.5, 0.5, "no mistakes", ha="center", va="center")
+    fig.suptitle(title, fontsize=9)
+    return _png(fig)
+
+
+def write_reports(
+    cfg: EvaluateConfig,
+    result: EvalResult,
+    logits: Logits,
+    images: npt.NDArray[np.uint8],
+    labels: npt.ArrayLike,
+    provenance: dict[str, Any],
+) -> dict[str, Any]:
+    """Write every evaluate output atomically; return the eval.json payload."""
+    pred = np.asarray(logits).argmax(axis=1)
+    metrics = {
+        "accuracy": result.accuracy,
+        "loss": result.loss,
+        "n": result.n,
+        "errors": result.errors,
+        "macro_f1": result.macro_f1,
+        **provenance,
+    }
+    write_json(cfg.metrics_path, metrics)
+    write_json(cfg.per_class_path, result.per_class())
+    write_text(cfg.confusion_csv, confusion_csv(labels, pred))
+    title = f"test accuracy {result.accuracy:.4f} (n={result.n})"
+    write_bytes(cfg.confusion_png, confusion_png(result.confusion, title))
+    idx = worst_mistakes(logits, labels, cfg.n_mistakes)
+    write_bytes(
+        cfg.mistakes_png,
+        mistakes_png(images, labels, logits, idx, f"most confident mistakes ({len(idx)})"),
+    )
+    return metrics
+
+
+def evaluate_model(
+    model: LoadedModel, images: npt.NDArray[np.uint8], labels: npt.ArrayLike, batch_size: int
+) -> tuple[EvalResult, Logits]:
+    """PyTorch (CPU) logits and metrics of ``model`` on ``(N, 28, 28) uint8`` images."""
+    from pipeline.parity import torch_logits
+
+    logits = torch_logits(model, images, batch_size)
+    return compute_metrics(logits, labels), logits
+
+
+def run_evaluate_stage(cfg: Config) -> dict[str, Any]:
+    """Evaluate ``cfg.train.model_path`` on the prepared test split; return eval.json."""
+    from pipeline.dataset import dataset_version, load_split
+    from pipeline.model_io import load_model_file
+
+    model = load_model_file(cfg.train.model_path)
+    test = load_split(cfg.data.prepared_dir, "test")
+    images, labels = np.asarray(test.images), np.asarray(test.labels)
+    result, logits = evaluate_model(model, images, labels, cfg.evaluate.batch_size)
+    provenance = {
+        "model": model.name,
+        "model_sha256": sha256_file(cfg.train.model_path),
+        "dataset_version": dataset_version(cfg.data.prepared_dir),
+    }
+    metrics = write_reports(cfg.evaluate, result, logits, images, labels, provenance)
+    log.info(
+        "evaluate: accuracy %.4f, loss %.4f, %d errors of %d",
+        result.accuracy,
+        result.loss,
+        result.errors,
+        result.n,
+    )
+    return metrics

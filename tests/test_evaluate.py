@@ -1,0 +1,170 @@
+"""Tests of pipeline/evaluate.py: metric arithmetic, report files, the stage runner."""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.atomic import sha256_file
+from pipeline.config import Config
+from pipeline.dataset import dataset_version, load_split
+from pipeline.evaluate import (
+    compute_metrics,
+    confusion_csv,
+    confusion_matrix,
+    run_evaluate_stage,
+    worst_mistakes,
+)
+from pipeline.model_io import save_model_file
+from pipeline.models import build_model
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def one_hot_logits(pred: list[int], scale: float = 5.0) -> np.ndarray:
+    z = np.zeros((len(pred), 10), dtype=np.float32)
+    z[np.arange(len(pred)), pred] = scale
+    return z
+
+
+def constant_model(cls: int) -> torch.nn.Module:
+    """An MLP that always answers ``cls``: zero weights, one-hot final bias."""
+    module = build_model("mlp")
+    with torch.no_grad():
+        for p in module.parameters():
+            p.zero_()
+        head = list(module.children())[-1]
+        assert isinstance(head, torch.nn.Linear)
+        head.bias[cls] = 1.0
+    return module.eval()
+
+
+def test_confusion_matrix_counts_actual_by_predicted() -> None:
+    cm = confusion_matrix([0, 0, 1, 2, 2, 2], [0, 1, 1, 2, 2, 0])
+    assert cm.shape == (10, 10)
+    assert cm[0, 0] == 1 and cm[0, 1] == 1 and cm[1, 1] == 1
+    assert cm[2, 2] == 2 and cm[2, 0] == 1
+    assert cm.sum() == 6
+
+
+def test_confusion_matrix_rejects_out_of_range_labels() -> None:
+    with pytest.raises(ValueError, match="0..9"):
+        confusion_matrix([0, 10], [0, 1])
+
+
+def test_metrics_by_construction() -> None:
+    labels = [0, 0, 1, 1, 2]
+    pred = [0, 1, 1, 1, 1]
+    res = compute_metrics(one_hot_logits(pred), labels)
+    assert res.n == 5 and res.errors == 2
+    assert res.accuracy == pytest.approx(3 / 5)
+    # class 1: predicted 4 times, right twice; all 2 actual 1s found.
+    assert res.precision[1] == pytest.approx(2 / 4)
+    assert res.recall[1] == pytest.approx(1.0)
+    assert res.f1[1] == pytest.approx(2 * 0.5 * 1.0 / 1.5)
+    assert res.recall[0] == pytest.approx(0.5) and res.precision[0] == pytest.approx(1.0)
+    # class 2 is never predicted, class 5 never occurs: 0, never NaN.
+    assert res.precision[2] == 0.0 and res.recall[2] == 0.0
+    assert res.support[5] == 0 and res.f1[5] == 0.0
+    assert res.support == (2, 2, 1, 0, 0, 0, 0, 0, 0, 0)
+
+
+def test_loss_is_mean_cross_entropy() -> None:
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(64, 10)).astype(np.float32) * 3
+    labels = rng.integers(0, 10, size=64)
+    want = torch.nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels))
+    assert compute_metrics(logits, labels).loss == pytest.approx(float(want), rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("logits", "labels", "match"),
+    [
+        (np.zeros((3, 9), np.float32), [0, 1, 2], "logits must be"),
+        (np.zeros((2, 10), np.float32), [0, 1, 2], "logits must be"),
+        (np.zeros((0, 10), np.float32), [], "empty"),
+        (np.full((1, 10), np.nan, np.float32), [0], "NaN"),
+    ],
+)
+def test_compute_metrics_rejects_bad_input(
+    logits: np.ndarray, labels: list[int], match: str
+) -> None:
+    with pytest.raises(ValueError, match=match):
+        compute_metrics(logits, labels)
+
+
+def test_confusion_csv_has_one_row_per_image() -> None:
+    text = confusion_csv([3, 1, 4], [3, 7, 4])
+    rows = list(csv.DictReader(text.splitlines()))
+    assert rows == [
+        {"actual": "3", "predicted": "3"},
+        {"actual": "1", "predicted": "7"},
+        {"actual": "4", "predicted": "4"},
+    ]
+
+
+def test_worst_mistakes_most_confident_first() -> None:
+    labels = [0, 0, 0, 0]
+    logits = np.zeros((4, 10), np.float32)
+    logits[0, 0] = 9  # right
+    logits[1, 3] = 1  # wrong, unsure
+    logits[2, 5] = 8  # wrong, confident
+    logits[3, 2] = 4  # wrong, middling
+    assert worst_mistakes(logits, labels, 10).tolist() == [2, 3, 1]
+    assert worst_mistakes(logits, labels, 2).tolist() == [2, 3]
+
+
+def stage_config(base: Config, tmp: Path, prepared: Path) -> Config:
+    return replace(
+        base,
+        data=replace(base.data, prepared_dir=prepared),
+        train=replace(base.train, model_path=tmp / "model.pt"),
+        evaluate=replace(
+            base.evaluate,
+            batch_size=32,
+            metrics_path=tmp / "metrics" / "eval.json",
+            per_class_path=tmp / "metrics" / "eval_per_class.json",
+            confusion_csv=tmp / "reports" / "confusion.csv",
+            confusion_png=tmp / "reports" / "confusion.png",
+            mistakes_png=tmp / "reports" / "mistakes.png",
+            n_mistakes=8,
+        ),
+    )
+
+
+def test_run_evaluate_stage_writes_every_output(
+    base_config: Config, tiny_prepared: Path, tmp_path: Path
+) -> None:
+    cfg = stage_config(base_config, tmp_path, tiny_prepared)
+    save_model_file(cfg.train.model_path, constant_model(3), "mlp", 32, 0.13, 0.31)
+    labels = np.asarray(load_split(tiny_prepared, "test").labels)
+
+    metrics = run_evaluate_stage(cfg)
+
+    on_disk = json.loads(cfg.evaluate.metrics_path.read_text())
+    assert on_disk == metrics
+    assert on_disk["n"] == len(labels)
+    assert on_disk["accuracy"] == pytest.approx(float(np.mean(labels == 3)))
+    assert on_disk["errors"] == int(np.sum(labels != 3))
+    # logits are 1 for class 3, 0 elsewhere: CE = log(e + 9) - [label == 3].
+    assert on_disk["loss"] == pytest.approx(np.log(9 + np.e) - np.mean(labels == 3), rel=1e-5)
+    assert on_disk["model_sha256"] == sha256_file(cfg.train.model_path)
+    assert on_disk["dataset_version"] == dataset_version(tiny_prepared)
+
+    per_class = json.loads(cfg.evaluate.per_class_path.read_text())
+    assert sorted(per_class, key=int) == [str(c) for c in range(10)]
+    assert per_class["3"]["recall"] == 1.0
+    assert per_class["3"]["support"] == int(np.sum(labels == 3))
+
+    rows = list(csv.DictReader(cfg.evaluate.confusion_csv.read_text().splitlines()))
+    assert [int(r["actual"]) for r in rows] == labels.tolist()
+    assert {r["predicted"] for r in rows} == {"3"}
+
+    for png in (cfg.evaluate.confusion_png, cfg.evaluate.mistakes_png):
+        assert png.read_bytes().startswith(PNG_MAGIC)

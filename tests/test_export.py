@@ -1,0 +1,262 @@
+"""Tests of pipeline/export.py and of the example in docs/model-handoff.md."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from PIL import Image
+
+import pipeline.export as export_mod
+from pipeline.atomic import sha256_file
+from pipeline.config import Config
+from pipeline.dataset import dataset_version
+from pipeline.errors import ModelFileError, ParityError
+from pipeline.evaluate import run_evaluate_stage
+from pipeline.export import (
+    METADATA_KEYS,
+    export_onnx,
+    git_commit,
+    read_metadata,
+    run_export_stage,
+    wrap,
+)
+from pipeline.model_io import LoadedModel, save_model_file
+from pipeline.models import build_model
+
+ROOT = Path(__file__).resolve().parents[1]
+MEAN, STD = 0.1307, 0.3081
+
+
+def random_model(name: str = "mlp", seed: int = 0, mean: float = MEAN) -> LoadedModel:
+    torch.manual_seed(seed)
+    return LoadedModel(build_model(name, 8).eval(), name, 8, mean, STD)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[LoadedModel, Path]:
+    model = random_model("seed_cnn")
+    path = tmp_path_factory.mktemp("export") / "model.onnx"
+    export_onnx(model, path, opset=18, metadata={"model_version": "v-test", "opset": "override"})
+    return model, path
+
+
+def pixels(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, 1, 28, 28)).astype(np.float32)
+
+
+def test_graph_contract(exported: tuple[LoadedModel, Path]) -> None:
+    _, path = exported
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(proto, full_check=True)
+    assert [i.name for i in proto.graph.input] == ["image"]
+    assert [o.name for o in proto.graph.output] == ["logits", "probabilities"]
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    assert dims[0].dim_param and not dims[0].dim_value  # dynamic batch
+    assert [d.dim_value for d in dims[1:]] == [1, 28, 28]
+    assert proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    for out in proto.graph.output:
+        assert out.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+        assert out.type.tensor_type.shape.dim[1].dim_value == 10
+    default = [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")]
+    assert default and default[0] >= 18
+
+
+def test_metadata_contract_and_extras(exported: tuple[LoadedModel, Path]) -> None:
+    model, path = exported
+    meta = read_metadata(path)
+    assert meta["model_version"] == "v-test"
+    assert meta["opset"] == "override"  # caller metadata wins over the defaults
+    assert meta["model_name"] == "seed_cnn" and meta["model_width"] == "8"
+    assert float(meta["normalization_mean"]) == model.mean
+    assert meta["torch_version"] == torch.__version__
+    assert meta["onnxruntime_version"] == ort.__version__
+    assert "0..255" in meta["input_contract"]
+    assert meta["class_labels"].split(",") == [str(i) for i in range(10)]
+
+
+@pytest.mark.parametrize("n", [1, 5, 33])
+def test_onnxruntime_matches_torch_any_batch(exported: tuple[LoadedModel, Path], n: int) -> None:
+    model, path = exported
+    x = pixels(n, seed=n)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    logits, probs = sess.run(["logits", "probabilities"], {"image": x})
+    assert logits.shape == probs.shape == (n, 10)
+    assert logits.dtype == probs.dtype == np.float32
+    with torch.no_grad():
+        want = wrap(model)(torch.from_numpy(x))[0].numpy()
+    np.testing.assert_allclose(logits, want, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_normalisation_is_inside_the_graph(tmp_path: Path) -> None:
+    """Raw pixels in: the graph applies (x/255 - mean)/std with the stored constants."""
+    model = random_model("mlp", seed=1, mean=0.5)
+    path = export_onnx(model, tmp_path / "m.onnx")
+    x = pixels(4)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (logits,) = sess.run(["logits"], {"image": x})
+    with torch.no_grad():
+        want = model.module(torch.from_numpy((x / 255.0 - 0.5) / STD).float()).numpy()
+    np.testing.assert_allclose(logits, want, atol=1e-4, rtol=0)
+
+
+def test_rejects_old_opset_and_non_string_metadata(tmp_path: Path) -> None:
+    model = random_model()
+    with pytest.raises(ModelFileError, match="opset 17"):
+        export_onnx(model, tmp_path / "a.onnx", opset=17)
+    with pytest.raises(ModelFileError, match="strings"):
+        export_onnx(model, tmp_path / "b.onnx", metadata={"n": 3})  # type: ignore[dict-item]
+    assert not list(tmp_path.iterdir())
+
+
+def test_git_commit_inside_and_outside_a_repository(tmp_path: Path) -> None:
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False
+    )
+    if head.returncode == 0:
+        assert git_commit(ROOT) == head.stdout.strip()
+    assert git_commit(tmp_path) == "unknown"
+
+
+def stage_config(base: Config, tmp: Path, prepared: Path) -> Config:
+    return replace(
+        base,
+        data=replace(base.data, prepared_dir=prepared),
+        train=replace(base.train, model_path=tmp / "candidate" / "model.pt"),
+        evaluate=replace(
+            base.evaluate,
+            batch_size=64,
+            metrics_path=tmp / "metrics" / "eval.json",
+            per_class_path=tmp / "metrics" / "eval_per_class.json",
+            confusion_csv=tmp / "reports" / "confusion.csv",
+            confusion_png=tmp / "reports" / "confusion.png",
+            mistakes_png=tmp / "reports" / "mistakes.png",
+        ),
+        export=replace(
+            base.export,
+            onnx_path=tmp / "candidate" / "model.onnx",
+            parity_path=tmp / "metrics" / "parity.json",
+        ),
+    )
+
+
+@pytest.fixture
+def evaluated(base_config: Config, tiny_prepared: Path, tmp_path: Path) -> Config:
+    """A config whose model.pt exists and has been through the evaluate stage."""
+    cfg = stage_config(base_config, tmp_path, tiny_prepared)
+    model = random_model("mlp", seed=2)
+    save_model_file(cfg.train.model_path, model.module, "mlp", 8, MEAN, STD)
+    run_evaluate_stage(cfg)
+    return cfg
+
+
+def test_run_export_stage_metadata_and_parity(evaluated: Config, tiny_prepared: Path) -> None:
+    cfg = evaluated
+    report = run_export_stage(cfg, cwd=ROOT)
+
+    onnx_path = cfg.export.onnx_path
+    meta = read_metadata(onnx_path)
+    assert set(METADATA_KEYS) <= set(meta)
+    evaluation = json.loads(cfg.evaluate.metrics_path.read_text())
+    assert json.loads(meta["test_metrics"]) == {k: evaluation[k] for k in ("accuracy", "loss", "n")}
+    assert meta["dataset_sha256"] == dataset_version(tiny_prepared)
+    assert meta["params_hash"] == cfg.params_hash()
+    assert meta["source_model_sha256"] == sha256_file(cfg.train.model_path)
+    assert meta["git_commit"] == git_commit(ROOT)
+    assert re.fullmatch(r"\d{8}T\d{6}Z-[0-9a-f]{12}", meta["model_version"])
+
+    parity = json.loads(cfg.export.parity_path.read_text())
+    assert parity == json.loads(json.dumps(report))
+    assert parity["passed"] is True
+    assert parity["onnx_sha256"] == sha256_file(onnx_path)
+    assert set(parity["batch_sizes"]) == {str(b) for b in cfg.export.parity_batch_sizes}
+    assert parity["onnx_accuracy"] == pytest.approx(evaluation["accuracy"])
+    assert not [p for p in onnx_path.parent.iterdir() if p.name.startswith(".")]
+
+
+def test_parity_failure_leaves_no_onnx(evaluated: Config, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A graph that does not compute what the model computes is never installed."""
+    cfg = evaluated
+    cfg.export.onnx_path.write_bytes(b"stale model from an earlier run")
+    real_export = export_mod.export_onnx
+
+    def wrong_export(model: LoadedModel, dest: Path, **kw: object) -> Path:
+        other = replace(model, module=build_model("mlp", 8).eval())  # fresh random weights
+        return real_export(other, dest, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(export_mod, "export_onnx", wrong_export)
+    with pytest.raises(ParityError, match="parity failed"):
+        run_export_stage(cfg, cwd=ROOT)
+    assert not cfg.export.onnx_path.exists()
+    parity = json.loads(cfg.export.parity_path.read_text())
+    assert parity["passed"] is False
+    assert parity["max_abs_diff"] > cfg.export.parity_atol
+
+
+def test_export_refuses_metrics_of_another_model(evaluated: Config) -> None:
+    cfg = evaluated
+    evaluation = json.loads(cfg.evaluate.metrics_path.read_text())
+    evaluation["model_sha256"] = "0" * 64
+    cfg.evaluate.metrics_path.write_text(json.dumps(evaluation))
+    cfg.export.onnx_path.write_bytes(b"an earlier export")
+    cfg.export.parity_path.write_text('{"passed": true}')
+    with pytest.raises(ModelFileError, match="another model"):
+        run_export_stage(cfg, cwd=ROOT)
+    assert not cfg.export.onnx_path.exists()
+    assert not cfg.export.parity_path.exists()
+
+
+def handoff_example() -> str:
+    text = (ROOT / "docs" / "model-handoff.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert len(blocks) == 1, "docs/model-handoff.md should hold exactly one python example"
+    return blocks[0]
+
+
+def test_handoff_doc_example_runs(exported: tuple[LoadedModel, Path], tmp_path: Path) -> None:
+    """The documented consumer code classifies PNGs with the exported model, as written."""
+    _, model_path = exported
+    script = tmp_path / "classify.py"
+    script.write_text(handoff_example())
+
+    digit = np.zeros((28, 28), np.uint8)
+    digit[6:22, 12:16] = 255  # a white "1" on black
+    dark_on_light = Image.fromarray(255 - digit).resize((84, 84), Image.Resampling.NEAREST)
+    light_png, dark_png = tmp_path / "ink.png", tmp_path / "mnist.png"
+    dark_on_light.save(light_png)
+    Image.fromarray(digit).save(dark_png)
+
+    out = subprocess.run(
+        [sys.executable, str(script), str(model_path), str(light_png), str(dark_png)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "provider: CPUExecutionProvider" in out.stdout
+    assert "model version: v-test" in out.stdout
+    results = re.findall(r"\.png: (\d) \(p=([0-9.]+)\)", out.stdout)
+    assert len(results) == 2
+    # Inverted and rescaled, the light-background scan must look like the MNIST-style
+    # original to the model: the same class and (nearly) the same probability.
+    assert results[0][0] == results[1][0]
+    assert float(results[0][1]) == pytest.approx(float(results[1][1]), abs=0.05)
+
+    namespace: dict[str, object] = {"__name__": "handoff_example"}
+    exec(compile(handoff_example(), "handoff_example", "exec"), namespace)
+    load_digit = namespace["load_digit"]
+    arr = load_digit(str(light_png))  # type: ignore[operator]
+    assert arr.shape == (1, 28, 28) and arr.dtype == np.float32
+    assert arr.min() >= 0 and arr.max() <= 255
+    assert np.abs(arr[0] - digit.astype(np.float32)).mean() < 10  # polarity and scale restored
