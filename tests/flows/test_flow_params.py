@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -22,8 +21,13 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture
 def params_file(tmp_path: Path) -> Path:
+    """The project's params.yaml with the default profile, in the project's layout.
+
+    The workspace copy may have been rewritten by `dvc exp run -S profile=quick` (another
+    profile, DVC's list layout); the tests start from the file as committed to look.
+    """
     dest = tmp_path / "params.yaml"
-    shutil.copyfile(ROOT / "params.yaml", dest)
+    dest.write_text(render_overrides((ROOT / "params.yaml").read_text(), {"profile": "default"}))
     return dest
 
 
