@@ -11,13 +11,14 @@ the JSON says which). ``--pt``/``--onnx`` pick files explicitly.
 
 PyTorch runs as its best plain eager self: the exported module (normalisation and
 softmax included, exactly what the ONNX graph computes), ``eval()``, under
-``torch.inference_mode()``, with all cores. onnxruntime runs the ONNX file with
-``ORT_ENABLE_ALL`` graph optimisation; four session configurations (1 or all threads,
-spin-wait on/off) are all measured and reported, and the best one per batch size is
-compared. PyTorch is measured first and each onnxruntime session alone (live thread
-pools of one engine slow the other down several-fold, which would flatter whichever
-runs second). The figure per batch size is the median over repeats of the mean time
-per call; ``uptime`` load is recorded before and after.
+``torch.inference_mode()``, with 1 or all threads, in NCHW and channels_last layout.
+onnxruntime runs the ONNX file with ``ORT_ENABLE_ALL`` graph optimisation; four session
+configurations (1 or all threads, spin-wait on/off) are all measured and reported, and
+the best one per batch size is compared. PyTorch is measured first and each
+onnxruntime session alone (live thread pools of one engine slow the other down
+several-fold, which would flatter whichever runs second). The figure per batch size is
+the median over repeats of the mean time per call; ``uptime`` load is recorded before
+and after.
 """
 
 from __future__ import annotations
@@ -153,18 +154,24 @@ def main(argv: list[str] | None = None) -> int:
         # Its thread count is tuned like onnxruntime's: all cores, or one (which wins
         # when another process keeps a core busy: an OpenMP region then waits for a
         # descheduled thread).
+        # Both memory layouts: channels_last (as trained) is faster for large batches.
+        layouts = {"nchw": torch.contiguous_format, "cl": torch.channels_last}
         for threads in sorted({1, cores}):
             torch.set_num_threads(threads)
-            for bs, x in inputs.items():
-                xt = torch.from_numpy(x)
+            for layout, fmt in layouts.items():
+                laid_out = module.to(memory_format=fmt)
+                for bs, x in inputs.items():
+                    xt = torch.from_numpy(x).contiguous(memory_format=fmt)
 
-                def run_torch(xt: torch.Tensor = xt) -> Any:
-                    with torch.inference_mode():
-                        return module(xt)
+                    def run_torch(xt: torch.Tensor = xt, m: torch.nn.Module = laid_out) -> Any:
+                        with torch.inference_mode():
+                            return m(xt)
 
-                reference[bs] = run_torch()[1].numpy()
-                name = f"torch[threads={threads}]"
-                samples[bs][name], calls[bs][name] = measure(run_torch, args.repeats, args.budget_s)
+                    reference[bs] = run_torch()[1].numpy()
+                    name = f"torch[threads={threads},{layout}]"
+                    samples[bs][name], calls[bs][name] = measure(
+                        run_torch, args.repeats, args.budget_s
+                    )
         diff = 0.0
         for threads in sorted({1, cores}):
             for spin in (True, False):

@@ -74,6 +74,47 @@ def base_config() -> Config:
     return load_config(ROOT / "params.yaml")
 
 
+def outputs_under(cfg: Config, root: Path, prepared: Path) -> Config:
+    """``cfg`` reading ``prepared`` and writing every stage output under ``root``."""
+    return replace(
+        cfg,
+        data=replace(cfg.data, prepared_dir=prepared),
+        train=replace(
+            cfg.train,
+            model_path=root / "candidate" / "model.pt",
+            checkpoint_dir=root / "checkpoints",
+            metrics_path=root / "metrics" / "train.json",
+            history_path=root / "metrics" / "train_history.csv",
+        ),
+        evaluate=replace(
+            cfg.evaluate,
+            metrics_path=root / "metrics" / "eval.json",
+            per_class_path=root / "metrics" / "eval_per_class.json",
+            confusion_csv=root / "reports" / "confusion.csv",
+            confusion_png=root / "reports" / "confusion.png",
+            mistakes_png=root / "reports" / "mistakes.png",
+        ),
+        export=replace(
+            cfg.export,
+            onnx_path=root / "candidate" / "model.onnx",
+            int8_path=root / "candidate" / "model.int8.onnx",
+            parity_path=root / "metrics" / "parity.json",
+        ),
+        gate=replace(cfg.gate, report_path=root / "reports" / "gate.json"),
+        registry=replace(
+            cfg.registry,
+            production_dir=root / "models" / "production",
+            previous_dir=root / "models" / "previous",
+        ),
+    )
+
+
+@pytest.fixture
+def stage_cfg(base_config: Config, tmp_path: Path, tiny_prepared: Path) -> Config:
+    """The project's config on the tiny synthetic dataset, every output under tmp_path."""
+    return outputs_under(base_config, tmp_path, tiny_prepared)
+
+
 @pytest.fixture
 def tiny_prepared(tmp_path: Path) -> Path:
     """A prepared dir with 200 train / 100 test synthetic images (pipeline/dataset.py layout)."""

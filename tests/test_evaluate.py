@@ -120,28 +120,8 @@ def test_worst_mistakes_most_confident_first() -> None:
     assert worst_mistakes(logits, labels, 2).tolist() == [2, 3]
 
 
-def stage_config(base: Config, tmp: Path, prepared: Path) -> Config:
-    return replace(
-        base,
-        data=replace(base.data, prepared_dir=prepared),
-        train=replace(base.train, model_path=tmp / "model.pt"),
-        evaluate=replace(
-            base.evaluate,
-            batch_size=32,
-            metrics_path=tmp / "metrics" / "eval.json",
-            per_class_path=tmp / "metrics" / "eval_per_class.json",
-            confusion_csv=tmp / "reports" / "confusion.csv",
-            confusion_png=tmp / "reports" / "confusion.png",
-            mistakes_png=tmp / "reports" / "mistakes.png",
-            n_mistakes=8,
-        ),
-    )
-
-
-def test_run_evaluate_stage_writes_every_output(
-    base_config: Config, tiny_prepared: Path, tmp_path: Path
-) -> None:
-    cfg = stage_config(base_config, tmp_path, tiny_prepared)
+def test_run_evaluate_stage_writes_every_output(stage_cfg: Config, tiny_prepared: Path) -> None:
+    cfg = replace(stage_cfg, evaluate=replace(stage_cfg.evaluate, batch_size=32, n_mistakes=8))
     save_model_file(cfg.train.model_path, constant_model(3), "mlp", 32, 0.13, 0.31)
     labels = np.asarray(load_split(tiny_prepared, "test").labels)
 

@@ -128,32 +128,10 @@ def test_git_commit_inside_and_outside_a_repository(tmp_path: Path) -> None:
     assert git_commit(tmp_path) == "unknown"
 
 
-def stage_config(base: Config, tmp: Path, prepared: Path) -> Config:
-    return replace(
-        base,
-        data=replace(base.data, prepared_dir=prepared),
-        train=replace(base.train, model_path=tmp / "candidate" / "model.pt"),
-        evaluate=replace(
-            base.evaluate,
-            batch_size=64,
-            metrics_path=tmp / "metrics" / "eval.json",
-            per_class_path=tmp / "metrics" / "eval_per_class.json",
-            confusion_csv=tmp / "reports" / "confusion.csv",
-            confusion_png=tmp / "reports" / "confusion.png",
-            mistakes_png=tmp / "reports" / "mistakes.png",
-        ),
-        export=replace(
-            base.export,
-            onnx_path=tmp / "candidate" / "model.onnx",
-            parity_path=tmp / "metrics" / "parity.json",
-        ),
-    )
-
-
 @pytest.fixture
-def evaluated(base_config: Config, tiny_prepared: Path, tmp_path: Path) -> Config:
+def evaluated(stage_cfg: Config) -> Config:
     """A config whose model.pt exists and has been through the evaluate stage."""
-    cfg = stage_config(base_config, tmp_path, tiny_prepared)
+    cfg = replace(stage_cfg, evaluate=replace(stage_cfg.evaluate, batch_size=64))
     model = random_model("mlp", seed=2)
     save_model_file(cfg.train.model_path, model.module, "mlp", 8, MEAN, STD)
     run_evaluate_stage(cfg)

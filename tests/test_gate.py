@@ -127,20 +127,8 @@ def test_decide_measures_onnx_accuracy(tiny_prepared: Path, constant_onnx: Const
         decide(Path("nope.onnx"), None, test.images, test.labels, loose)
 
 
-def stage_config(base: Config, tmp: Path, prepared: Path, **gate: float) -> Config:
-    return replace(
-        base,
-        data=replace(base.data, prepared_dir=prepared),
-        export=replace(
-            base.export,
-            onnx_path=tmp / "candidate" / "model.onnx",
-            parity_path=tmp / "metrics" / "parity.json",
-        ),
-        gate=replace(base.gate, report_path=tmp / "reports" / "gate.json", **gate),
-        registry=replace(
-            base.registry, production_dir=tmp / "production", previous_dir=tmp / "previous"
-        ),
-    )
+def with_gate(cfg: Config, **gate: float) -> Config:
+    return replace(cfg, gate=replace(cfg.gate, **gate))
 
 
 def install_candidate(cfg: Config, model: LoadedModel, prepared: Path) -> Path:
@@ -153,10 +141,10 @@ def install_candidate(cfg: Config, model: LoadedModel, prepared: Path) -> Path:
 
 
 def test_stage_rejects_below_floor_and_writes_report(
-    base_config: Config, tiny_prepared: Path, tmp_path: Path
+    stage_cfg: Config, tiny_prepared: Path
 ) -> None:
     share, order = by_frequency(tiny_prepared)
-    cfg = stage_config(base_config, tmp_path, tiny_prepared)  # floor 0.99
+    cfg = stage_cfg  # floor 0.99
     cand = install_candidate(cfg, constant_model(order[0]), tiny_prepared)
 
     with pytest.raises(GateRejected) as info:
@@ -176,11 +164,11 @@ def test_stage_rejects_below_floor_and_writes_report(
 
 
 def test_stage_compares_with_production(
-    base_config: Config, tiny_prepared: Path, tmp_path: Path, constant_onnx: ConstantOnnx
+    stage_cfg: Config, tiny_prepared: Path, constant_onnx: ConstantOnnx
 ) -> None:
     share, order = by_frequency(tiny_prepared)
     best, worst = order[0], order[-1]
-    cfg = stage_config(base_config, tmp_path, tiny_prepared, min_accuracy=0.0)
+    cfg = with_gate(stage_cfg, min_accuracy=0.0)
     cfg.registry.production_dir.mkdir(parents=True)
     (cfg.registry.production_dir / "model.onnx").write_bytes(constant_onnx[best].read_bytes())
 
@@ -198,19 +186,17 @@ def test_stage_compares_with_production(
 
 
 def test_stage_rejects_a_candidate_without_its_parity_report(
-    base_config: Config, tiny_prepared: Path, tmp_path: Path
+    stage_cfg: Config, tiny_prepared: Path
 ) -> None:
-    cfg = stage_config(base_config, tmp_path, tiny_prepared, min_accuracy=0.0)
+    cfg = with_gate(stage_cfg, min_accuracy=0.0)
     install_candidate(cfg, constant_model(0), tiny_prepared)
     export_onnx(constant_model(1), cfg.export.onnx_path)  # replaced after the parity check
     with pytest.raises(GateRejected, match="another ONNX file"):
         run_gate_stage(cfg)
 
 
-def test_stage_error_leaves_no_stale_report(
-    base_config: Config, tiny_prepared: Path, tmp_path: Path
-) -> None:
-    cfg = stage_config(base_config, tmp_path, tiny_prepared, min_accuracy=0.0)
+def test_stage_error_leaves_no_stale_report(stage_cfg: Config, tiny_prepared: Path) -> None:
+    cfg = with_gate(stage_cfg, min_accuracy=0.0)
     install_candidate(cfg, constant_model(0), tiny_prepared)
     run_gate_stage(cfg)
     assert json.loads(cfg.gate.report_path.read_text())["passed"] is True
@@ -221,10 +207,10 @@ def test_stage_error_leaves_no_stale_report(
 
 
 def test_cli_exit_code_is_the_ci_signal(
-    base_config: Config, tiny_prepared: Path, tmp_path: Path
+    stage_cfg: Config, tiny_prepared: Path, tmp_path: Path
 ) -> None:
     """``python -m pipeline gate`` for real: non-zero on rejection, zero on acceptance."""
-    cfg = stage_config(base_config, tmp_path, tiny_prepared)
+    cfg = stage_cfg
     install_candidate(cfg, constant_model(0), tiny_prepared)
     sets = {
         "data.prepared_dir": tiny_prepared,

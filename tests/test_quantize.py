@@ -63,29 +63,9 @@ def test_quantize_needs_calibration_images(fp32: Path, tmp_path: Path) -> None:
         quantize_int8(fp32, tmp_path / "x.onnx", np.zeros((0, 28, 28), np.uint8))
 
 
-def test_export_stage_with_quantize(
-    base_config: Config, tiny_prepared: Path, tmp_path: Path
-) -> None:
+def test_export_stage_with_quantize(stage_cfg: Config) -> None:
     cfg = replace(
-        base_config,
-        data=replace(base_config.data, prepared_dir=tiny_prepared),
-        train=replace(base_config.train, model_path=tmp_path / "c" / "model.pt"),
-        evaluate=replace(
-            base_config.evaluate,
-            metrics_path=tmp_path / "m" / "eval.json",
-            per_class_path=tmp_path / "m" / "per_class.json",
-            confusion_csv=tmp_path / "r" / "c.csv",
-            confusion_png=tmp_path / "r" / "c.png",
-            mistakes_png=tmp_path / "r" / "m.png",
-        ),
-        export=replace(
-            base_config.export,
-            onnx_path=tmp_path / "c" / "model.onnx",
-            int8_path=tmp_path / "c" / "model.int8.onnx",
-            parity_path=tmp_path / "m" / "parity.json",
-            quantize=True,
-            calibration_samples=64,
-        ),
+        stage_cfg, export=replace(stage_cfg.export, quantize=True, calibration_samples=64)
     )
     torch.manual_seed(1)
     save_model_file(cfg.train.model_path, build_model("mlp").eval(), "mlp", 32, 0.1307, 0.3081)

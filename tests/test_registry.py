@@ -6,7 +6,6 @@ import json
 import shutil
 import sys
 import threading
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -51,23 +50,8 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @pytest.fixture
-def cfg(base_config: Config, tmp_path: Path, tiny_prepared: Path) -> Config:
-    return replace(
-        base_config,
-        data=replace(base_config.data, prepared_dir=tiny_prepared),
-        evaluate=replace(base_config.evaluate, metrics_path=tmp_path / "metrics" / "eval.json"),
-        export=replace(
-            base_config.export,
-            onnx_path=tmp_path / "candidate" / "model.onnx",
-            parity_path=tmp_path / "metrics" / "parity.json",
-        ),
-        gate=replace(base_config.gate, report_path=tmp_path / "reports" / "gate.json"),
-        registry=replace(
-            base_config.registry,
-            production_dir=tmp_path / "models" / "production",
-            previous_dir=tmp_path / "models" / "previous",
-        ),
-    )
+def cfg(stage_cfg: Config) -> Config:
+    return stage_cfg
 
 
 def tree(directory: Path) -> dict[str, str]:
