@@ -12,7 +12,7 @@ MNIST_SOURCE ?= $(if $(wildcard ../shared/mnist/train-images-idx3-ubyte.gz),$(ab
 PROFILE ?= default
 RUN := env PATH="$(abspath $(BIN)):$$PATH" $(if $(MNIST_SOURCE),MNIST_SOURCE="$(MNIST_SOURCE)",)
 
-.PHONY: install pipeline pipeline-quick gate test test-slow test-all lint format bench clean
+.PHONY: install pipeline params pipeline-quick gate test test-slow test-all lint format bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,13 +22,15 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# `dvc repro` runs only what is stale; the gate stage fails the run on a rejected model.
+# `dvc exp run -S profile=X` composes params.yaml from conf/ (Hydra) with the profile's
+# real values, then runs only what is stale; the gate stage fails the run on a rejected
+# model. A failed or refused run puts params.yaml back as it was.
 pipeline: install
-ifeq ($(PROFILE),default)
-	$(RUN) $(BIN)/dvc repro
-else
-	$(RUN) $(BIN)/dvc exp run --set-param profile=$(PROFILE)
-endif
+	$(RUN) $(BIN)/python -m pipeline.profiles exp-run profile=$(PROFILE)
+
+# Regenerate params.yaml from conf/ after editing conf/ (the default profile).
+params: install
+	$(BIN)/python -m pipeline.profiles compose
 
 pipeline-quick:
 	$(MAKE) pipeline PROFILE=quick
@@ -47,6 +49,7 @@ test-all: install
 	$(RUN) $(BIN)/pytest
 
 lint: install
+	$(BIN)/python -m pipeline.profiles check
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy

@@ -36,12 +36,15 @@ def worker(profile: str, seed: int, overrides: dict[str, Any]) -> dict[str, Any]
     """Train one seed and evaluate on the test split; returns a JSON-able dict."""
     import torch
 
-    from pipeline.config import load_config
+    from pipeline.config import config_from_dict, parse_params
+    from pipeline.profiles import compose_text, overrides_for
     from pipeline.dataset import load_split
     from pipeline.stats import read_normalization
     from pipeline.train import evaluate_split, train
 
-    cfg = load_config(ROOT / "params.yaml", {"profile": profile, **overrides, "train.seed": seed})
+    # The profile composed from conf/ exactly as `dvc exp run -S profile=...` would.
+    text = compose_text(ROOT, overrides_for(profile, {**overrides, "train.seed": seed}))
+    cfg = config_from_dict(parse_params(text))
     mean, std = read_normalization(ROOT / cfg.validate.stats_path)
     arrays = load_split(ROOT / cfg.data.prepared_dir, "train")
     load_before = load_average()

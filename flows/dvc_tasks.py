@@ -13,6 +13,7 @@ order) are passed to a callback as they arrive; the tasks pass the Prefect run l
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -25,13 +26,13 @@ from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.states import Completed, State
 
 from pipeline.errors import GateRejected, OrchestrationError
 
 LineSink = Callable[[str], None]
 
 TAIL_LINES = 30
-SKIPPED_MARK = "didn't change, skipping"
 
 
 @dataclass(frozen=True)
@@ -148,6 +149,24 @@ def gate_rejection(report: Mapping[str, Any]) -> GateRejected:
     return GateRejected("gate rejected the candidate: " + "; ".join(reasons), reasons)
 
 
+def stale_stages(repo: Path, targets: Sequence[str] | None = None) -> dict[str, Any]:
+    """DVC's own answer, through its Python API, to "what would ``dvc repro`` run?".
+
+    Maps each stale stage (of ``targets``, default all) to DVC's reasons; a stage that is
+    not in the mapping is up to date. Raises :class:`OrchestrationError` if DVC cannot tell.
+    """
+    from dvc.exceptions import DvcException
+    from dvc.repo import Repo
+
+    try:
+        # DVC resolves stage names against the working directory, not the repo root.
+        with contextlib.chdir(repo), Repo(str(repo)) as dvc_repo:
+            status: dict[str, Any] = dvc_repo.status(targets=list(targets) if targets else None)
+    except DvcException as err:
+        raise OrchestrationError(f"dvc status in {repo}: {err}") from err
+    return status
+
+
 def _file_stamp(path: Path) -> tuple[int, int] | None:
     try:
         st = path.stat()
@@ -157,16 +176,12 @@ def _file_stamp(path: Path) -> tuple[int, int] | None:
 
 
 def repro_stage(repo: Path, stage: str, sink: LineSink) -> StageResult:
-    """``dvc repro --single-item <stage>``; :class:`OrchestrationError` if it fails."""
-    ran = True
+    """``dvc repro --single-item <stage>``; :class:`OrchestrationError` if it fails.
 
-    def watch(line: str) -> None:
-        nonlocal ran
-        if SKIPPED_MARK in line and f"'{stage}'" in line:
-            ran = False
-        sink(line)
-
-    result = run_dvc(repo, ["repro", "--single-item", stage], watch)
+    Whether it ran is DVC's status of the stage just before (stages run one at a time).
+    """
+    ran = stage in stale_stages(repo, [stage])
+    result = run_dvc(repo, ["repro", "--single-item", stage], sink)
     if not result.ok:
         raise _failure(result, f"stage {stage!r} (dvc repro)")
     return StageResult(stage, ran)
@@ -191,27 +206,6 @@ def repro_gate(repo: Path, stage: str, report_path: Path, sink: LineSink) -> Sta
         raise
 
 
-def dvc_status(repo: Path, sink: LineSink) -> dict[str, Any]:
-    """``dvc status --json`` as a mapping; empty means data and pipeline are up to date."""
-    lines: list[str] = []
-    result = run_dvc(repo, ["status", "--json"], lines.append)
-    for line in lines:
-        sink(line)
-    if not result.ok:
-        raise _failure(result, "dvc status")
-    # DVC may print warnings before the JSON document; it is the last '{'-line onwards.
-    starts = [i for i, line in enumerate(lines) if line.lstrip().startswith("{")]
-    if not starts:
-        raise OrchestrationError(f"dvc status --json printed no JSON: {lines[-5:]}")
-    try:
-        status = json.loads("\n".join(lines[starts[-1] :]))
-    except json.JSONDecodeError as err:
-        raise OrchestrationError(f"dvc status --json: unreadable output: {err}") from err
-    if not isinstance(status, dict):
-        raise OrchestrationError(f"dvc status --json: expected an object, got {status!r}")
-    return status
-
-
 def dvc_push(repo: Path, sink: LineSink) -> None:
     result = run_dvc(repo, ["push"], sink)
     if not result.ok:
@@ -222,29 +216,36 @@ def dvc_push(repo: Path, sink: LineSink) -> None:
 # own cache (NO_CACHE) nor keep results around (persist_result=False).
 
 
+def _finished(result: StageResult) -> State[StageResult]:
+    """A stage DVC skipped shows as a ``Skipped`` (completed) task run in Prefect."""
+    if result.ran:
+        return Completed(data=result, message=f"{result.stage}: ran")
+    return Completed(data=result, name="Skipped", message=f"{result.stage}: up to date (DVC)")
+
+
 @task(name="dvc-stage", cache_policy=NO_CACHE, persist_result=False)
-def stage_task(repo: Path, stage: str) -> StageResult:
+def stage_task(repo: Path, stage: str) -> State[StageResult]:
     """Run one stage through DVC, its output in this task's log."""
     logger = get_run_logger()
     result = repro_stage(repo, stage, logger.info)
     logger.info("stage %s: %s", stage, "ran" if result.ran else "up to date, skipped by DVC")
-    return result
+    return _finished(result)
 
 
 @task(name="dvc-gate", cache_policy=NO_CACHE, persist_result=False)
-def gate_task(repo: Path, stage: str, report_path: Path) -> StageResult:
+def gate_task(repo: Path, stage: str, report_path: Path) -> State[StageResult]:
     """Run the gate stage through DVC; fails with the gate's reasons on rejection."""
     logger = get_run_logger()
     result = repro_gate(repo, stage, report_path, logger.info)
     logger.info("gate: %s", "passed" if result.ran else "up to date (passed before)")
-    return result
+    return _finished(result)
 
 
 @task(name="dvc-status", cache_policy=NO_CACHE, persist_result=False)
 def status_task(repo: Path) -> dict[str, Any]:
     """Fail unless ``dvc status`` is clean: the flow and DVC must agree after a run."""
     logger = get_run_logger()
-    status = dvc_status(repo, logger.debug)
+    status = stale_stages(repo)
     if status:
         raise OrchestrationError(
             "dvc status is not clean after the run (DVC and the flow disagree): "

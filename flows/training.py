@@ -3,11 +3,12 @@
 Prefect schedules, retries and shows; DVC decides what is stale and records lineage.
 The flow
 
-1. validates the run's parameters once (:func:`pipeline.config.load_config`) and writes
-   its profile/overrides into ``params.yaml`` like ``dvc exp run -S`` (see
-   :mod:`flows.params_file`), so DVC and every stage see exactly them;
-2. runs ``dvc repro --single-item <stage>`` for each stage of ``dvc.yaml`` in order
-   (ingest with retries and exponential backoff); DVC skips what is up to date;
+1. composes the run's profile and overrides into ``params.yaml`` with DVC's own Hydra
+   composition, as ``dvc exp run -S`` does (see :mod:`flows.params_file`), and validates
+   it once (:func:`pipeline.config.load_config`), so DVC and every stage see exactly them;
+2. runs ``dvc repro --single-item <stage>`` for each stage of ``dvc.yaml`` in order;
+   DVC skips what is up to date (asked through DVC's Python API; such a task run shows
+   as ``Skipped``);
 3. fails with the gate's reasons when the gate rejects (promote does not run);
 4. checks ``dvc status`` is clean (DVC agrees with what the flow did);
 5. publishes a markdown report and a per-class table as artifacts (on failure too);
@@ -20,7 +21,7 @@ one bad manual run (an impossible gate, say) does not poison the next scheduled 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -38,9 +39,15 @@ PER_CLASS_KEY = "per-class-metrics"
 
 
 def run_stage(root: Path, stage: str, cfg: Config) -> StageResult:
-    """One stage as its own Prefect task (named after the stage)."""
+    """One stage as its own Prefect task (named after the stage).
+
+    The tasks end in a Prefect state of their own (``Skipped`` when DVC found the stage
+    up to date); its data is the :class:`StageResult`, and a failed task raises here.
+    """
     if stage == "gate":
-        return gate_task.with_options(name=stage)(root, stage, Path(cfg.gate.report_path))
+        gate = gate_task.with_options(name=stage)
+        state = gate(root, stage, Path(cfg.gate.report_path), return_state=True)
+        return cast(StageResult, state.result())
     task = stage_task.with_options(name=stage)
     if stage == "ingest":
         # Downloads are what fails transiently; the other stages are deterministic.
@@ -48,7 +55,7 @@ def run_stage(root: Path, stage: str, cfg: Config) -> StageResult:
             retries=cfg.flow.ingest_retries,
             retry_delay_seconds=exponential_backoff(backoff_factor=cfg.flow.ingest_retry_delay_s),
         )
-    return task(root, stage)
+    return cast(StageResult, task(root, stage, return_state=True).result())
 
 
 def publish_report(
@@ -79,7 +86,9 @@ def training_pipeline(
     """Run the DVC pipeline in ``repo`` (default: the working directory).
 
     Args:
-        profile: a profile of params.yaml (``quick``...); None keeps the file's ``profile``.
+        profile: a profile of ``conf/profile/`` (``default``, ``quick``...). With
+            ``params``, composed into params.yaml as ``dvc exp run -S`` does; with
+            neither, params.yaml runs as it is (like ``dvc repro``).
         params: dotted-key overrides, e.g. ``{"gate.min_accuracy": 0.995}``; JSON-typed
             values (numbers, booleans, strings, lists), checked against the schema.
         repo: the repository root holding dvc.yaml and params.yaml.
@@ -91,7 +100,7 @@ def training_pipeline(
     logger = get_run_logger()
     root = Path(repo).expanduser().resolve() if repo else Path.cwd()
     params_path = root / "params.yaml"
-    prepared = prepare_params(params_path, profile, params)
+    prepared = prepare_params(root, profile, params)
     cfg = prepared.cfg
     do_push = cfg.flow.push_to_remote if push is None else push
     logger.info(
@@ -102,7 +111,7 @@ def training_pipeline(
         cfg.params_hash()[:12],
     )
     if prepared.changed:
-        logger.info("params.yaml updated with this run's parameters (as `dvc exp run -S`)")
+        logger.info("params.yaml composed with this run's parameters (as `dvc exp run -S`)")
 
     done: dict[str, str] = {}
 
@@ -110,7 +119,7 @@ def training_pipeline(
         stages = ", ".join(f"{s}: {done.get(s, 'not run')}" for s in STAGES)
         return [
             ("profile", cfg.profile),
-            ("overrides", ", ".join(f"{k}={v!r}" for k, v in prepared.overrides.items()) or None),
+            ("overrides", ", ".join(prepared.overrides) or None),
             ("params hash", cfg.params_hash()),
             ("repository", str(root)),
             ("stages", stages),

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.config import Config, load_config
+from pipeline.config import Config, config_from_dict, load_config, parse_params
 from pipeline.errors import ConfigError, PipelineError
 
 log = logging.getLogger("pipeline")
@@ -115,7 +115,12 @@ def _common_options(defaults: bool) -> argparse.ArgumentParser:
     common.add_argument(
         "--params", type=Path, default=d(Path("params.yaml")), help="parameters file"
     )
-    common.add_argument("--profile", default=d(None), help="profile from params.yaml `profiles`")
+    common.add_argument(
+        "--profile",
+        default=d(None),
+        help="compose the parameters from conf/ with this profile instead of reading "
+        "params.yaml (CLI only; DVC does not see it: use `dvc exp run -S profile=...`)",
+    )
     common.add_argument(
         "--set",
         dest="overrides",
@@ -169,11 +174,14 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
 
 def config_from_args(args: argparse.Namespace, environ: dict[str, str]) -> Config:
     overrides = parse_overrides(args.overrides)
-    if args.profile:
-        overrides["profile"] = args.profile
     source = environ.get(SOURCE_ENV)
     if source:
         overrides["data.source"] = source
+    if args.profile:
+        from pipeline.profiles import compose_text, overrides_for
+
+        text = compose_text(Path(args.params).resolve().parent, overrides_for(args.profile, {}))
+        return config_from_dict(parse_params(text, f"conf/ with profile {args.profile}"), overrides)
     return load_config(args.params, overrides)
 
 

@@ -2,12 +2,15 @@
 
 ``load_config`` is called once, at the entry point (CLI or flow), and the resulting
 :class:`Config` is passed down; library code never reads files or the environment for
-parameters. ``params.yaml`` groups parameters by stage. A top-level ``profile`` names
-one entry of ``profiles`` whose keys are deep-merged over the base before validation,
-so ``-S profile=quick`` (DVC) or ``--profile quick`` (CLI) switches the whole run.
+parameters. ``params.yaml`` groups parameters by stage; DVC composes it from ``conf/``
+(Hydra: ``conf/config.yaml`` plus one profile of ``conf/profile/``, see
+:mod:`pipeline.profiles`), so it holds the values a run really uses. ``profile`` is only
+the name of the profile it was composed with.
 
-Any unknown key, wrong type or out-of-range value raises :class:`ConfigError` naming
-the dotted key, e.g. ``train.batch_size: Input should be greater than 0``.
+The file is read the way DVC reads it (ruamel.yaml, YAML 1.2, safe), and more strictly:
+a duplicate key, an empty or null document, or a NaN/infinite number is a
+:class:`ConfigError` naming the key and line, as is any unknown key, wrong type or
+out-of-range value (e.g. ``train.batch_size: Input should be greater than 0``).
 """
 
 from __future__ import annotations
@@ -15,12 +18,12 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-from collections.abc import Mapping
-from dataclasses import asdict, is_dataclass
+import math
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, fields, is_dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_type_hints
 
-import yaml
 from pydantic import ConfigDict, Field, ValidationError, model_validator
 from pydantic.dataclasses import dataclass
 
@@ -176,8 +179,7 @@ class FlowConfig:
 
 @dataclass(frozen=True, config=_STRICT)
 class Config:
-    profile: str = "default"
-    profiles: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    profile: str = "default"  # the name of the conf/profile/ file params.yaml was composed with
     data: DataConfig = DataConfig()
     validate: ValidateConfig = ValidateConfig()
     train: TrainConfig = TrainConfig()
@@ -205,8 +207,33 @@ class Config:
         return self
 
     def params_hash(self) -> str:
-        """sha256 of the resolved parameters (profile applied), for provenance."""
-        return hashlib.sha256(json.dumps(to_dict(self), sort_keys=True).encode()).hexdigest()
+        """sha256 of the parameters that change results, for provenance.
+
+        Leaves out where things are (every path, the data source and mirrors: the data
+        itself is identified by its own hash), how the service and the flow run, and the
+        profile's name, so the same parameters hash the same on every machine.
+        """
+        return hashlib.sha256(json.dumps(result_params(self), sort_keys=True).encode()).hexdigest()
+
+
+# Sections that say where and how things run, not what is computed.
+_NOT_RESULTS = frozenset({"profile", "data", "registry", "serve", "flow"})
+
+
+def result_params(cfg: Config) -> dict[str, Any]:
+    """The parameters that change results: ``cfg`` without locations and runtime knobs."""
+
+    def keep(section: Any) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in fields(section):
+            value = getattr(section, f.name)
+            if is_dataclass(value):
+                out[f.name] = keep(value)
+            elif not isinstance(value, Path):
+                out[f.name] = to_dict_value(value)
+        return out
+
+    return {f.name: keep(getattr(cfg, f.name)) for f in fields(cfg) if f.name not in _NOT_RESULTS}
 
 
 def _tuples(obj: Any) -> Any:
@@ -231,6 +258,8 @@ def _build(cls: type[Any], values: Any, where: str) -> Any:
     hints = get_type_hints(cls, include_extras=False)
     kwargs: dict[str, Any] = {}
     for key, value in values.items():
+        if not isinstance(key, str):
+            raise ConfigError(f"{where}{key!r}: parameter names must be strings")
         sub = hints.get(key)
         if isinstance(sub, type) and is_dataclass(sub):
             value = _build(sub, value, f"{where}{key}.")
@@ -239,16 +268,6 @@ def _build(cls: type[Any], values: Any, where: str) -> Any:
         return cls(**kwargs)
     except ValidationError as err:
         raise ConfigError(f"invalid parameters: {_format_errors(err, where)}") from err
-
-
-def _deep_merge(base: dict[str, Any], over: Mapping[str, Any], where: str = "") -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for key, value in over.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = _deep_merge(out[key], value, f"{where}{key}.")
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -276,49 +295,74 @@ def _format_errors(err: ValidationError, where: str = "") -> str:
 def config_from_dict(raw: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> Config:
     """Build a validated :class:`Config` from a parsed params mapping.
 
-    ``overrides`` maps dotted keys (``"train.epochs"``) to values and is applied after
-    the profile, so it always wins. ``profile`` may itself be overridden.
+    ``overrides`` maps dotted keys (``"train.epochs"``) to values; they win over ``raw``.
     """
     if not isinstance(raw, Mapping):
         raise ConfigError(f"params must be a mapping at the top level, got {type(raw).__name__}")
     tree: dict[str, Any] = copy.deepcopy(dict(raw))
-    overrides = dict(overrides or {})
-    if "profile" in overrides:
-        tree["profile"] = overrides.pop("profile")
-    profile = tree.get("profile", "default")
-    profiles = tree.get("profiles") or {}
-    if not isinstance(profiles, Mapping):
-        raise ConfigError("profiles: must be a mapping of profile name to overrides")
-    if profile != "default":
-        if profile not in profiles:
-            known = ", ".join(["default", *profiles]) or "default"
-            raise ConfigError(f"profile: unknown profile {profile!r} (known: {known})")
-        patch = profiles[profile]
-        if not isinstance(patch, Mapping):
-            raise ConfigError(f"profiles.{profile}: must be a mapping")
-        if "profile" in patch or "profiles" in patch:
-            raise ConfigError(f"profiles.{profile}: may not set 'profile' or 'profiles'")
-        tree = _deep_merge(tree, patch)
-    for dotted, value in overrides.items():
+    for dotted, value in (overrides or {}).items():
         _set_dotted(tree, dotted, value)
-    profiles_raw = tree.pop("profiles", {})
-    cfg: Config = _build(Config, {**_tuples(tree), "profiles": dict(profiles_raw)}, "")
-    _check_profiles_known(cfg)
+    cfg: Config = _build(Config, _tuples(tree), "")
     return cfg
 
 
-def _check_profiles_known(cfg: Config) -> None:
-    """Every profile must itself produce a valid config, so typos fail early."""
-    for name, patch in cfg.profiles.items():
-        if name == "default":
-            raise ConfigError("profiles.default: 'default' is the base itself; do not redefine it")
-        base = to_dict(cfg)
-        base.pop("profile")
-        base.pop("profiles")
-        try:
-            _build(Config, _tuples(_deep_merge(base, patch)), "")
-        except ConfigError as err:
-            raise ConfigError(f"profiles.{name}: {err}") from err
+def _lines(text: str) -> dict[tuple[str, ...], int]:
+    """1-based line of every mapping key, by dotted path (for error messages)."""
+    from ruamel.yaml import YAML
+
+    out: dict[tuple[str, ...], int] = {}
+
+    def walk(node: Any, path: tuple[str, ...]) -> None:
+        if isinstance(node, Mapping):
+            for key in node:
+                out[(*path, str(key))] = node.lc.key(key)[0] + 1  # type: ignore[attr-defined]
+                walk(node[key], (*path, str(key)))
+
+    walk(YAML(typ="rt").load(text), ())
+    return out
+
+
+def _non_finite(node: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
+    if isinstance(node, Mapping):
+        for key, value in node.items():
+            yield from _non_finite(value, (*path, str(key)))
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from _non_finite(value, (*path, str(i)))
+    elif isinstance(node, float) and not math.isfinite(node):
+        yield path
+
+
+def parse_params(text: str, where: str = "params.yaml") -> dict[str, Any]:
+    """Parse params text exactly as DVC does (ruamel.yaml safe), and refuse what is ambiguous.
+
+    Raises :class:`ConfigError` for invalid YAML, a duplicate key (DVC refuses those too),
+    an empty or null document, a top level that is not a mapping, and NaN or infinite
+    numbers (a learning rate of ``.inf`` is never meant), each naming the key and line.
+    """
+    from ruamel.yaml import YAML
+    from ruamel.yaml.error import YAMLError
+
+    try:
+        raw = YAML(typ="safe").load(text)
+    except YAMLError as err:
+        first = str(err).strip().splitlines()
+        mark = getattr(err, "problem_mark", None)
+        at = f" (line {mark.line + 1})" if mark is not None else ""
+        problem = getattr(err, "problem", None) or (first[0] if first else "")
+        raise ConfigError(f"{where}: not valid YAML{at}: {problem}") from err
+    if raw is None:
+        raise ConfigError(f"{where}: empty document; expected the parameter sections")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: top level must be a mapping, got {type(raw).__name__}")
+    bad = list(_non_finite(raw))
+    if bad:
+        lines = _lines(text)
+        where_bad = ", ".join(
+            f"{'.'.join(p)} (line {lines.get(p) or lines.get(p[:-1], '?')})" for p in bad
+        )
+        raise ConfigError(f"{where}: NaN or infinite number at {where_bad}")
+    return raw
 
 
 def load_config(
@@ -330,23 +374,37 @@ def load_config(
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError as err:
         raise ConfigError(f"{path}: parameters file not found") from err
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from err
-    return config_from_dict(raw or {}, overrides)
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: cannot read parameters file: {err}") from err
+    raw = parse_params(text, str(path))
+    cfg = config_from_dict(raw, overrides)
+    missing = sorted(set(_leaves(to_dict(cfg))) - set(_leaves(raw)) - set(overrides or {}))
+    if missing:
+        # DVC fails a stage whose declared parameter is absent; a silent default would
+        # make the stage and DVC disagree about what ran.
+        raise ConfigError(f"{path}: missing parameters: {', '.join(missing)}")
+    return cfg
+
+
+def _leaves(tree: Mapping[str, Any], prefix: str = "") -> Iterator[str]:
+    for key, value in tree.items():
+        if isinstance(value, Mapping) and value:
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}"
+
+
+def to_dict_value(v: Any) -> Any:
+    """JSON-ready form of one config value (paths as strings, tuples as lists)."""
+    if isinstance(v, Path):
+        return str(v)
+    if isinstance(v, tuple | list):
+        return [to_dict_value(x) for x in v]
+    if isinstance(v, dict):
+        return {k: to_dict_value(x) for k, x in v.items()}
+    return v
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
     """A JSON-ready dict of a config dataclass (paths as strings, tuples as lists)."""
-
-    def conv(v: Any) -> Any:
-        if isinstance(v, Path):
-            return str(v)
-        if isinstance(v, tuple | list):
-            return [conv(x) for x in v]
-        if isinstance(v, dict):
-            return {k: conv(x) for k, x in v.items()}
-        return v
-
-    return {k: conv(v) for k, v in asdict(cfg).items()}
+    return {k: to_dict_value(v) for k, v in asdict(cfg).items()}

@@ -35,11 +35,7 @@ STAGE_SCRIPT = textwrap.dedent(
 
 
     def params():
-        raw = yaml.safe_load(Path("params.yaml").read_text())
-        profile = raw.get("profile", "default")
-        for section, values in (raw.get("profiles") or {}).get(profile, {}).items():
-            raw[section].update(values)
-        return raw
+        return yaml.safe_load(Path("params.yaml").read_text())
 
 
     def dump(path, obj):
@@ -126,7 +122,7 @@ DVC_YAML = textwrap.dedent(
       train:
         cmd: python stage.py train
         deps: [stage.py, data/prepared, metrics/data_stats.json]
-        params: [profile, profiles, train]
+        params: [train]
         outs: [models/candidate/model.pt]
         metrics:
           - metrics/train.json:
@@ -201,11 +197,13 @@ def fake_project_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("fake-dvc") / "repo"
     root.mkdir()
     shutil.copyfile(ROOT / "params.yaml", root / "params.yaml")
+    shutil.copytree(ROOT / "conf", root / "conf")
     (root / "stage.py").write_text(STAGE_SCRIPT)
     (root / "dvc.yaml").write_text(DVC_YAML)
     run(["git", "init", "-q"], root)
     dvc(root, "init", "-q")
     dvc(root, "config", "core.analytics", "false")
+    dvc(root, "config", "hydra.enabled", "true")
     (root.parent / "remote").mkdir()
     # Given relative to the working directory, DVC stores it relative to .dvc/ (as
     # "../../remote"), like the project's own remote: copies of the repo keep working.

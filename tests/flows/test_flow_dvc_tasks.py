@@ -13,10 +13,10 @@ import pytest
 from flows.dvc_tasks import (
     command_env,
     dvc_push,
-    dvc_status,
     gate_rejection,
     repro_gate,
     repro_stage,
+    stale_stages,
     stream_command,
 )
 from pipeline.errors import GateRejected, OrchestrationError
@@ -102,7 +102,7 @@ def test_stages_through_dvc_status_and_push(fake_project: Path) -> None:
     assert repro_stage(fake_project, "promote", lines.append).ran
     # The stage's own output (stdout and stderr) reached the sink.
     assert "fake train: starting" in lines and "fake train: a line on stderr" in lines
-    assert dvc_status(fake_project, lines.append) == {}
+    assert stale_stages(fake_project) == {}
     # DVC, not the flow, decides staleness: a second run skips the stage.
     assert not repro_stage(fake_project, "train", lines.append).ran
     dvc_push(fake_project, lines.append)
@@ -112,7 +112,7 @@ def test_stages_through_dvc_status_and_push(fake_project: Path) -> None:
 
 def test_status_reports_what_is_stale(fake_project: Path) -> None:
     repro_stage(fake_project, "ingest", print)
-    status = dvc_status(fake_project, print)
+    status = stale_stages(fake_project)
     assert "validate" in status  # never ran: DVC says so
 
 
@@ -120,7 +120,7 @@ def test_rejecting_gate_raises_gate_rejected_with_reasons(fake_project: Path) ->
     for s in ("ingest", "validate", "train", "evaluate", "export"):
         repro_stage(fake_project, s, print)
     params = fake_project / "params.yaml"
-    params.write_text(params.read_text().replace("min_accuracy: 0.99 ", "min_accuracy: 0.999"))
+    params.write_text(params.read_text().replace("min_accuracy: 0.99\n", "min_accuracy: 0.999\n"))
     with pytest.raises(GateRejected, match=r"candidate accuracy 0.9950 < floor 0.9990") as info:
         repro_gate(fake_project, "gate", Path("reports/gate.json"), print)
     assert info.value.reasons == ["candidate accuracy 0.9950 < floor 0.9990"]

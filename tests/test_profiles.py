@@ -1,0 +1,133 @@
+"""pipeline.profiles on a real git + DVC repository with Hydra composition enabled.
+
+The stage is a one-liner that records ``train.width``; what matters is what DVC sees:
+the composed values in params.yaml, dvc.lock and ``dvc params diff``, a profile switch
+that re-runs the stage, and a refused run that leaves params.yaml byte-identical.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.errors import ConfigError
+from pipeline.profiles import compose_text, hydra_override, main, overrides_for
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {
+    **os.environ,
+    "GIT_AUTHOR_NAME": "t",
+    "GIT_AUTHOR_EMAIL": "t@localhost",
+    "GIT_COMMITTER_NAME": "t",
+    "GIT_COMMITTER_EMAIL": "t@localhost",
+    "PYTHONPATH": str(ROOT),
+}
+DVC_YAML = """\
+stages:
+  train:
+    cmd: {python} -c "import yaml; p = yaml.safe_load(open('params.yaml'))['train']; \
+open('width.txt', 'w').write(str(p['width']))" && sleep {sleep}
+    params: [train.width, train.epochs]
+    outs: [width.txt]
+"""
+
+
+def sh(repo: Path, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(argv, cwd=repo, env=ENV, capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{argv}: {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def make_repo(tmp_path: Path, sleep: float = 0) -> Path:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    shutil.copytree(ROOT / "conf", repo / "conf")
+    (repo / "params.yaml").write_text(compose_text(repo, []))
+    (repo / "dvc.yaml").write_text(DVC_YAML.format(python=sys.executable, sleep=sleep))
+    sh(repo, "git", "init", "-q")
+    sh(repo, sys.executable, "-m", "dvc", "init", "-q")
+    sh(repo, sys.executable, "-m", "dvc", "config", "hydra.enabled", "true")
+    sh(repo, sys.executable, "-m", "dvc", "config", "core.analytics", "false")
+    sh(repo, sys.executable, "-m", "dvc", "repro")
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-qm", "default run")
+    return repo
+
+
+def exp_run(repo: Path, *overrides: str) -> subprocess.CompletedProcess[str]:
+    return sh(repo, sys.executable, "-m", "pipeline.profiles", "exp-run", *overrides, check=False)
+
+
+def test_overrides_are_hydra_syntax() -> None:
+    assert overrides_for("quick", {"train.lr": 0.05, "data.source": None}) == [
+        "profile=quick",
+        "train.lr=0.05",
+        "data.source=null",
+    ]
+    assert hydra_override("validate.pixel_mean_range", [0.1, 0.2]) == (
+        "validate.pixel_mean_range=[0.1, 0.2]"
+    )
+    with pytest.raises(ConfigError, match="profile"):
+        hydra_override("profile", 3)
+
+
+def test_quick_then_default_retrains_and_dvc_sees_the_real_values(tmp_path: Path) -> None:
+    repo = make_repo(tmp_path)
+    assert (repo / "width.txt").read_text() == "24"
+
+    assert exp_run(repo, "profile=quick").returncode == 0
+    assert (repo / "width.txt").read_text() == "12"
+    diff = sh(repo, sys.executable, "-m", "dvc", "params", "diff", "--md").stdout
+    assert "train.width" in diff and "24" in diff and "12" in diff
+    assert "train.epochs" in diff
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    assert lock["stages"]["train"]["params"]["params.yaml"]["train.width"] == 12
+
+    # An explicit -S always wins over the profile.
+    assert exp_run(repo, "profile=quick", "train.epochs=3").returncode == 0
+    assert yaml.safe_load((repo / "params.yaml").read_text())["train"]["epochs"] == 3
+
+    # Back to the default profile: DVC sees changed params and re-runs the stage.
+    out = exp_run(repo, "profile=default")
+    assert out.returncode == 0
+    assert (repo / "width.txt").read_text() == "24"
+    assert sh(repo, sys.executable, "-m", "dvc", "params", "diff").stdout.strip() == ""
+
+
+def test_a_refused_run_leaves_params_yaml_byte_identical(tmp_path: Path) -> None:
+    repo = make_repo(tmp_path, sleep=8)
+    before = (repo / "params.yaml").read_bytes()
+    holder = subprocess.Popen(
+        [sys.executable, "-m", "dvc", "repro", "-f"],
+        cwd=repo,
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        time.sleep(3)  # the holder is inside its stage, holding DVC's lock
+        refused = exp_run(repo, "profile=quick")
+        assert refused.returncode != 0
+        assert "restored" in refused.stdout
+        assert (repo / "params.yaml").read_bytes() == before
+    finally:
+        holder.wait(timeout=60)
+
+
+def test_unknown_profile_is_refused_before_dvc_runs(tmp_path: Path, monkeypatch, capsys) -> None:
+    repo = make_repo(tmp_path)
+    before = (repo / "params.yaml").read_bytes()
+    monkeypatch.chdir(repo)
+    assert main(["exp-run", "profile=nope"]) == 2
+    assert "known profiles: default, quick" in capsys.readouterr().err
+    assert (repo / "params.yaml").read_bytes() == before
+    assert main(["check"]) == 0
+    assert main(["check", "profile=quick"]) == 1
