@@ -37,8 +37,8 @@ def worker(profile: str, seed: int, overrides: dict[str, Any]) -> dict[str, Any]
     import torch
 
     from pipeline.config import config_from_dict, parse_params
-    from pipeline.profiles import compose_text, overrides_for
     from pipeline.dataset import load_split
+    from pipeline.profiles import compose_text, overrides_for
     from pipeline.stats import read_normalization
     from pipeline.train import evaluate_split, train
 
