@@ -50,6 +50,7 @@ test-all: install
 
 lint: install
 	$(BIN)/python -m pipeline.profiles check
+	$(BIN)/check-jsonschema --builtin-schema vendor.github-workflows .github/workflows/*.yml
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
