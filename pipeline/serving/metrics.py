@@ -78,6 +78,9 @@ class Metrics:
             "mnist_requests_shed", "503s from load limits", ["reason"], registry=self.registry
         )
         self.registry.register(_ModelCollector(store))
+        # Route templates of the app (set by create_app): a request refused before routing
+        # (401, 503, 413) is still labelled by its path when that path is a route.
+        self.route_paths: frozenset[str] = frozenset()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -111,7 +114,10 @@ class MetricsMiddleware:
             raise
         finally:
             self.metrics.in_flight.dec()
-            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            route = getattr(scope.get("route"), "path", None)
+            if route is None:
+                path = scope.get("path", "")
+                route = path if path in self.metrics.route_paths else "unmatched"
             labels = (route, scope.get("method", ""), str(status))
             self.metrics.requests.labels(*labels).inc()
             self.metrics.latency.labels(*labels).observe(time.perf_counter() - start)

@@ -414,6 +414,7 @@ def create_app(
             raise _overloaded(err) from None
         return JSONResponse(_predictions(model, image[None]))
 
+    metrics.route_paths = frozenset(getattr(r, "path", "") for r in app.routes)
     return app
 
 

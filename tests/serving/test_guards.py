@@ -204,6 +204,11 @@ def test_bearer_token(store: ModelStore, server_factory: Factory) -> None:
             "/v1/predict/image", files={"file": ("d.png", png_digit())}, headers=auth
         )
         assert image.status_code == 200
+        metrics = client.get("/metrics").text
+    for status, n in (("401", 1), ("200", 1)):
+        labels = f'method="POST",route="/v1/predict",status="{status}"'
+        assert f"mnist_http_requests_total{{{labels}}} {n}.0" in metrics
+    with live.client() as client:
         for path in ("/healthz", "/readyz", "/v1/model", "/metrics", "/openapi.json"):
             assert client.get(path).status_code == 200, path
 
