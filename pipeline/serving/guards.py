@@ -29,6 +29,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -83,8 +84,21 @@ async def discard_body(receive: Receive) -> None:
             return
 
 
-class BodyTimeout(Exception):
-    """The body did not arrive within the deadline."""
+class BodyTimeout(HTTPException):
+    """The body did not arrive within the deadline (408).
+
+    An HTTP exception so that FastAPI's form parser re-raises it instead of turning it
+    into a 400, and the app's handler renders it; the connection is closed after it.
+    """
+
+    error = "body_timeout"
+
+    def __init__(self, timeout_s: float) -> None:
+        super().__init__(
+            408,
+            detail=f"the request body did not arrive within {timeout_s:g} s",
+            headers={"Connection": "close"},
+        )
 
 
 class DeadlineMiddleware:
@@ -109,7 +123,8 @@ class DeadlineMiddleware:
             try:
                 message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
             except TimeoutError:
-                raise BodyTimeout from None
+                log.info("%s %s: body not received within %.1f s", *_who(scope), self.timeout)
+                raise BodyTimeout(self.timeout) from None
             if message["type"] != "http.request" or not message.get("more_body", False):
                 body_done = True
             return message
@@ -122,11 +137,9 @@ class DeadlineMiddleware:
 
         try:
             await self.app(scope, timed_receive, tracking_send)
-        except BodyTimeout:
-            log.info("%s %s: body not received within %.1f s", *_who(scope), self.timeout)
+        except BodyTimeout as err:  # raised outside the app's handlers (e.g. while draining)
             if not started:
-                detail = f"the request body did not arrive within {self.timeout:g} s"
-                await send_error(send, 408, "body_timeout", detail)
+                await send_error(send, 408, err.error, err.detail)
         except ClientDisconnect:
             # Nobody is left to answer; a traceback here would only be noise.
             log.info("%s %s: client disconnected before the body was complete", *_who(scope))

@@ -304,7 +304,7 @@ def create_app(
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = exc.error if isinstance(exc, ApiError) else _http_code(exc.status_code)
+        code = getattr(exc, "error", None) or _http_code(exc.status_code)
         if exc.status_code == 503 and code == "overloaded":
             metrics.shed.labels("work_slots").inc()
         return JSONResponse(

@@ -99,6 +99,17 @@ def test_slow_body_gets_408_and_disconnect_is_quiet(
     )
     sock.close()
 
+    # The same through the multipart parser of the image endpoint.
+    sock = raw_connect(live)
+    sock.sendall(
+        b"POST /v1/predict/image HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n"
+        b"Content-Type: multipart/form-data; boundary=xx\r\n\r\n--xx\r\n"
+        b'Content-Disposition: form-data; name="file"; filename="d.png"\r\n\r\n\x89PNG'
+    )
+    reply = read_all(sock)
+    assert reply.startswith(b"HTTP/1.1 408 ") and b"body_timeout" in reply, reply[:300]
+    sock.close()
+
     # A client that goes away mid-body: one info line, no traceback, server fine.
     sock = partial_post(live, 1000, b'{"images": [')
     time.sleep(0.1)
