@@ -17,7 +17,7 @@ RUN := env PATH="$(abspath $(BIN)):$$PATH" $(if $(MNIST_SOURCE),MNIST_SOURCE="$(
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip uv
-	$(BIN)/uv pip install --python $(BIN)/python -e '.[dev]'
+	$(BIN)/uv pip install --python $(BIN)/python -e '.[pipeline,dev]'
 	touch $(STAMP)
 
 install: $(STAMP)

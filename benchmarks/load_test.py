@@ -143,8 +143,12 @@ def default_model() -> Path:
 
 
 @contextlib.contextmanager
-def local_server(model: Path, extra_sets: list[str]) -> Iterator[str]:
-    """``python -m pipeline serve`` over a private copy of ``model`` on a free port."""
+def local_server(
+    model: Path, extra_sets: list[str], started: list[subprocess.Popen[bytes]] | None = None
+) -> Iterator[str]:
+    """``python -m pipeline serve`` over a private copy of ``model`` on a free port.
+
+    ``started`` receives the server process (e.g. to measure its memory)."""
     with tempfile.TemporaryDirectory() as tmp:
         prod = Path(tmp) / "production"
         prod.mkdir()
@@ -166,6 +170,8 @@ def local_server(model: Path, extra_sets: list[str]) -> Iterator[str]:
             cmd += ["--set", item]
         log = open(Path(tmp) / "server.log", "w+")  # noqa: SIM115 - read back on failure
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        if started is not None:
+            started.append(proc)
         url = f"http://127.0.0.1:{port}"
         try:
             wait_ready(url, proc, log)

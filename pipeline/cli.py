@@ -1,7 +1,8 @@
 """``python -m pipeline <stage>``: the one command line that dvc.yaml and people call.
 
 The parameters are loaded here, once (``--params``, ``--profile``, ``--set``), and the
-environment is read here only (``MNIST_SOURCE``); stage functions get a :class:`Config`.
+environment is read here only (``MNIST_SOURCE``, the serving token); stage functions
+get a :class:`Config`.
 Heavy libraries (torch, GX, onnxruntime) are imported by the stage that needs them, so
 ``--help`` and ``ingest`` start fast.
 """
@@ -79,7 +80,8 @@ def _rollback(cfg: Config, args: argparse.Namespace) -> None:
 def _serve(cfg: Config, args: argparse.Namespace) -> None:
     from pipeline.serving.server import run_server
 
-    run_server(cfg.serve, cfg.registry, host=args.host, port=args.port)
+    token = os.environ.get(cfg.serve.auth_token_env) or None
+    run_server(cfg.serve, cfg.registry, host=args.host, port=args.port, token=token)
 
 
 def _predict(cfg: Config, args: argparse.Namespace) -> None:

@@ -164,8 +164,29 @@ class ServeConfig:
     reload_interval_s: PosFloat = 1.0
     # One thread per inference: requests are small and the event loop needs the other core.
     intra_op_threads: NonNegInt = 1
-    # Decoded size cap of an uploaded image: a tiny PNG can decode to gigabytes.
-    max_image_pixels: PosInt = 40_000_000
+    # Declared-size caps of an uploaded image, checked from its header before decoding:
+    # a 2 KB JPEG or a 170 KB PNG can claim 36-40 M pixels (gigabytes once decoded).
+    max_image_pixels: PosInt = 16_000_000
+    max_image_side: PosInt = 8192
+    # Image decodes and thread-pool inferences running at once; a request waits at most
+    # queue_timeout_s for a slot, then gets 503 + Retry-After.
+    max_concurrent_work: PosInt = 4
+    queue_timeout_s: PosFloat = 2.0
+    # Predict requests admitted at once (reading, queued or running), and the sum of
+    # their bodies (Content-Length, or max_body_bytes when unknown): beyond, 503.
+    max_inflight_requests: PosInt = 64
+    max_inflight_bytes: PosInt = 64 * 1024 * 1024
+    # Slow clients: the request headers, then the whole body, must arrive in time (408).
+    header_timeout_s: PosFloat = 10.0
+    body_timeout_s: PosFloat = 10.0
+    access_log: bool = False
+    # /docs and /redoc load Swagger UI/ReDoc from a CDN: turn off on offline machines.
+    docs: bool = True
+    # Bearer token for the predict endpoints: the NAME of the environment variable that
+    # holds it (read by the CLI). Without a token the service binds loopback only,
+    # unless allow_unauthenticated is true.
+    auth_token_env: str = "MNIST_SERVE_TOKEN"
+    allow_unauthenticated: bool = False
 
 
 @dataclass(frozen=True, config=_STRICT)

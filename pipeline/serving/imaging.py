@@ -4,7 +4,9 @@ MNIST digits were made by size-normalising each digit to fit a 20x20 box (keepin
 aspect ratio, with anti-aliasing) and centring it in a 28x28 field by its centre of
 mass, white ink on black. :func:`to_mnist` repeats that on any photo or drawing:
 
-1. decode (PNG or JPEG only), apply the EXIF orientation, flatten alpha onto white;
+1. decode (PNG or JPEG only) within declared-size limits read from the header, reduce
+   anything larger than ``WORK_SIDE`` (the digit ends up 20 px tall anyway), apply the
+   EXIF orientation, flatten alpha onto white;
 2. greyscale; invert when the background (the median of the border) is light;
 3. subtract the background level and stretch the ink to 0..255;
 4. crop to the bounding box of the ink;
@@ -22,7 +24,7 @@ import warnings
 
 import numpy as np
 import numpy.typing as npt
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from pipeline.errors import ImageDecodeError
 
@@ -35,39 +37,57 @@ MIN_CONTRAST = 16.0
 # After stretching, pixels above this fraction of full ink belong to the bounding box;
 # the low tail (JPEG noise, paper texture) is cut so it cannot widen the box.
 INK_FRACTION = 0.2
+# Larger images are reduced (JPEG: by the decoder itself, 1/2..1/8 scale) to at most
+# about this many pixels a side before any float copy: it bounds the memory of one
+# decode, and the digit ends up 20 px tall anyway.
+WORK_SIDE = 1024
+# A Huffman-coded JPEG spends at least one bit on every 8x8 block of its declared size
+# (the DC code of its first scan). Less data than that cannot fill the image: libjpeg
+# would pad the missing blocks with grey and report success, so we refuse it instead.
+# (Arithmetic-coded JPEGs of flat content could go below this; they are refused too.)
+JPEG_MIN_BITS_PER_BLOCK = 1
+DEFAULT_MAX_PIXELS = 16_000_000
+DEFAULT_MAX_SIDE = 8192
 
 FloatImage = npt.NDArray[np.float32]
 
 
-def decode(data: bytes, max_pixels: int) -> Image.Image:
-    """Decode PNG/JPEG bytes into an upright greyscale ``L`` image.
+def decode(
+    data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, max_side: int = DEFAULT_MAX_SIDE
+) -> Image.Image:
+    """Decode PNG/JPEG bytes into an upright greyscale ``L`` image, at most ~``WORK_SIDE`` a side.
 
     Transparent pixels are composited onto white (a drawing on a transparent canvas
     reads as ink on paper). Raises :class:`ImageDecodeError` for empty data, anything
-    that is not a PNG or JPEG, a truncated file, or more than ``max_pixels`` pixels
-    (checked from the header, before the pixels are decompressed).
+    that is not a PNG or JPEG, a side over ``max_side`` or more than ``max_pixels``
+    pixels (both read from the header, before anything is decompressed), and a file
+    that holds less data than its header declares (truncated: PIL would otherwise
+    pad the missing part with grey).
     """
     if not data:
         raise ImageDecodeError("empty file: expected a PNG or JPEG image")
+    if ImageFile.LOAD_TRUNCATED_IMAGES:  # pragma: no cover - a process-wide misconfiguration
+        raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set: truncated images pass")
     fmt: str | None = None
     try:
         with warnings.catch_warnings():
             # Our own pixel cap replaces PIL's decompression-bomb warning.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            opened = Image.open(io.BytesIO(data))
+            opened = Image.open(io.BytesIO(data))  # lazy: reads the header only
             fmt = opened.format
             if fmt not in ALLOWED_FORMATS:
                 raise ImageDecodeError(
                     f"unsupported image format {fmt}: expected one of {', '.join(ALLOWED_FORMATS)}"
                 )
             width, height = opened.size
-            if width * height > max_pixels:
-                raise ImageDecodeError(
-                    f"image is {width}x{height} = {width * height} pixels; "
-                    f"the limit is {max_pixels}"
-                )
+            check_declared_size(width, height, max_pixels, max_side)
+            if fmt == "JPEG":
+                _check_jpeg_data(len(data), width, height)
+                # Let libjpeg decode at 1/2..1/8 scale: big photos never exist full size.
+                opened.draft(opened.mode, _work_size(width, height))
             opened.load()
-            img = ImageOps.exif_transpose(opened) or opened
+            img = _reduce(opened)
+            img = ImageOps.exif_transpose(img) or img
     except ImageDecodeError:
         raise
     except UnidentifiedImageError as err:
@@ -76,6 +96,43 @@ def decode(data: bytes, max_pixels: int) -> Image.Image:
         # PIL reports truncated/corrupt data as OSError, broken PNG chunks as SyntaxError.
         raise ImageDecodeError(f"corrupt or truncated {fmt or 'image'}: {err}") from err
     return _to_grey(img)
+
+
+def check_declared_size(width: int, height: int, max_pixels: int, max_side: int) -> None:
+    """Raise :class:`ImageDecodeError` when a header declares more than the limits allow."""
+    if width > max_side or height > max_side:
+        raise ImageDecodeError(f"image is {width}x{height}; the limit is {max_side} pixels a side")
+    if width * height > max_pixels:
+        raise ImageDecodeError(
+            f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}"
+        )
+
+
+def _check_jpeg_data(size: int, width: int, height: int) -> None:
+    blocks = -(-width // 8) * -(-height // 8)
+    needed = blocks * JPEG_MIN_BITS_PER_BLOCK // 8
+    if size < needed:
+        raise ImageDecodeError(
+            f"truncated JPEG: the header declares {width}x{height} ({blocks} blocks of 8x8, "
+            f"at least {needed} bytes of data) but the file holds {size} bytes"
+        )
+
+
+def _work_size(width: int, height: int) -> tuple[int, int]:
+    scale = min(1.0, WORK_SIDE / max(width, height))
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def _reduce(img: Image.Image) -> Image.Image:
+    """Box-reduce by an integer factor so the longer side is at most ~``WORK_SIDE``."""
+    factor = max(img.size) // WORK_SIDE
+    if factor < 2:
+        return img
+    if img.mode in ("P", "1"):  # no reduce for these: expand first (alpha kept)
+        img = img.convert("RGBA")
+    elif img.mode.startswith("I;16"):
+        img = img.convert("I")
+    return img.reduce(factor)
 
 
 def _to_grey(img: Image.Image) -> Image.Image:
@@ -92,9 +149,14 @@ def _to_grey(img: Image.Image) -> Image.Image:
     return img.convert("L")
 
 
-def to_mnist(data: bytes, max_pixels: int = 40_000_000) -> FloatImage:
-    """PNG/JPEG bytes -> ``(28, 28) float32`` in ``[0, 255]``, MNIST style (see module doc)."""
-    return normalise_digit(np.asarray(decode(data, max_pixels), dtype=np.float32))
+def to_mnist(
+    data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, max_side: int = DEFAULT_MAX_SIDE
+) -> FloatImage:
+    """PNG/JPEG bytes -> ``(28, 28) float32`` in ``[0, 255]``, MNIST style (see module doc).
+
+    Raises :class:`ImageDecodeError` (see :func:`decode` for the limits).
+    """
+    return normalise_digit(np.asarray(decode(data, max_pixels, max_side), dtype=np.float32))
 
 
 def normalise_digit(grey: npt.NDArray[np.floating] | npt.NDArray[np.integer]) -> FloatImage:

@@ -25,14 +25,14 @@ import numpy.typing as npt
 import onnxruntime as ort
 
 from pipeline.atomic import sha256_bytes
+from pipeline.contract import INPUT_NAME, MODEL_FILE, OUTPUT_NAMES, check_io
 from pipeline.errors import ModelFileError
 from pipeline.onnx_runtime import CPU, CUDA, Device, Session, create_session, requested_providers
 
 log = logging.getLogger("pipeline.serving")
 
-MODEL_FILE = "model.onnx"
-INPUT = "image"
-OUTPUTS = ("logits", "probabilities")
+INPUT = INPUT_NAME
+OUTPUTS = OUTPUT_NAMES
 
 SessionFactory = Callable[[Path, Device, int], Session]
 
@@ -68,6 +68,7 @@ class ServedModel:
     signature: FileSignature
     metadata: dict[str, str]
     providers_requested: tuple[str, ...]
+    producer: str = ""
     loaded_at: float = field(default_factory=time.time)
 
     @property
@@ -98,7 +99,7 @@ class ServedModel:
             "provider": self.provider,
             "providers_requested": list(self.providers_requested),
             "loaded_at": self.loaded_at,
-            "producer": f"{meta.producer_name} {meta.version}".strip(),
+            "producer": self.producer or meta.producer_name,
             "graph_name": meta.graph_name,
             "inputs": _io_spec(self.session.session.get_inputs()),
             "outputs": _io_spec(self.session.session.get_outputs()),
@@ -111,19 +112,30 @@ def _io_spec(args: list[Any]) -> list[dict[str, Any]]:
 
 
 def _check_contract(sess: Session, path: Path) -> None:
-    """The serving contract: input ``image`` [N,1,28,28] float, outputs logits/probabilities."""
-    inputs = {i.name: i for i in sess.session.get_inputs()}
-    outputs = {o.name for o in sess.session.get_outputs()}
-    if INPUT not in inputs or len(inputs) != 1:
-        raise ModelFileError(f"{path}: expected one input named {INPUT!r}, got {sorted(inputs)}")
-    spec = inputs[INPUT]
-    if spec.type != "tensor(float)" or [str(d) for d in spec.shape[1:]] != ["1", "28", "28"]:
-        raise ModelFileError(
-            f"{path}: input {INPUT!r} must be float [N,1,28,28], got {spec.type} {spec.shape}"
-        )
-    missing = [o for o in OUTPUTS if o not in outputs]
-    if missing:
-        raise ModelFileError(f"{path}: missing outputs {missing}; has {sorted(outputs)}")
+    """Refuse a model whose inputs/outputs differ from :mod:`pipeline.contract`."""
+
+    def spec(args: list[Any]) -> dict[str, tuple[str, list[str]]]:
+        return {a.name: (a.type, [str(d) for d in a.shape]) for a in args}
+
+    reasons = check_io(spec(sess.session.get_inputs()), spec(sess.session.get_outputs()))
+    if reasons:
+        raise ModelFileError(f"{path}: breaks the model contract: {'; '.join(reasons)}")
+
+
+def _producer(data: bytes, producer_name: str) -> str:
+    """``"<producer_name> <producer_version>"`` from the ONNX header, e.g. ``pytorch 2.5.1``.
+
+    onnxruntime's ``ModelMetadata.version`` is the ONNX ``model_version`` field (INT64_MAX
+    when unset, as torch.onnx leaves it), not the producer's version: read that from the
+    proto instead.
+    """
+    import onnx
+
+    try:
+        proto = onnx.ModelProto.FromString(data)
+    except Exception:  # noqa: BLE001 - cosmetic only; onnxruntime already parsed the file
+        return producer_name
+    return f"{proto.producer_name or producer_name} {proto.producer_version}".strip()
 
 
 def load_model(
@@ -172,6 +184,7 @@ def load_model(
         signature=sig,
         metadata=dict(meta.custom_metadata_map),
         providers_requested=wanted,
+        producer=_producer(data, meta.producer_name),
     )
 
 
@@ -187,7 +200,11 @@ class ReloadState:
     """What the poller last saw; exposed on ``/v1/model`` for operators."""
 
     reloads: int = 0
+    failed_reloads: int = 0
     last_error: str | None = None
+    # Set while the model file is gone (e.g. models/production deleted): the loaded model
+    # keeps answering, but readiness fails with this reason.
+    missing: str | None = None
     last_check: float | None = None
     failed_signature: FileSignature | None = None
 
@@ -225,15 +242,23 @@ class ModelStore:
             sig = current_signature(self.path)
             cur = self.current
             if sig is None:
+                reason = f"{self.path}: ONNX model not found"
+                if self.state.missing is None and cur is not None:
+                    log.error("%s; still serving %s", reason, _short(cur))
+                self.state.missing = reason
                 if cur is None:
-                    self.state.last_error = f"{self.path}: ONNX model not found"
+                    self.state.last_error = reason
                 return False
+            if self.state.missing is not None:
+                log.info("%s is back", self.path)
+                self.state.missing = None
             if (cur is not None and sig == cur.signature) or sig == self.state.failed_signature:
                 return False
             try:
                 new = load_model(self.path, self.device, self.intra_op_threads, self._factory)
             except ModelFileError as err:
                 self.state.failed_signature = sig
+                self.state.failed_reloads += 1
                 self.state.last_error = str(err)
                 log.error("model reload failed, still serving %s: %s", _short(cur), err)
                 return False
@@ -267,4 +292,4 @@ def _short(model: ServedModel | None) -> str:
     return "no model" if model is None else f"sha256={model.sha256[:12]}"
 
 
-__all__ = ["CPU", "CUDA", "ModelStore", "ServedModel", "load_model"]
+__all__ = ["CPU", "CUDA", "MODEL_FILE", "ModelStore", "ServedModel", "load_model"]

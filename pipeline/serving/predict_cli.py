@@ -1,14 +1,16 @@
 """``python -m pipeline predict FILE...``: classify image files locally.
 
-Same preprocessing and model contract as ``POST /v1/predict/image``. Prints one line
-per file, ``<path>\\t<digit>\\t<probability>``, in the order given. Every file is
-decoded before anything is printed, so a bad file fails the whole command with a
-named error (non-zero exit) instead of a half-printed answer.
+Same preprocessing, size limits and model contract as ``POST /v1/predict/image``.
+Prints one line per good file on stdout, ``<path>\\t<digit>\\t<probability>``, in the
+order given, and one line per bad file on stderr (``<path>: <reason>``); every file is
+tried, and the command exits non-zero at the end if any failed. A file is read up to
+``serve.max_body_bytes`` (+1 byte to notice more), so ``predict /dev/zero`` stops at once.
 """
 
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
@@ -17,38 +19,84 @@ import numpy as np
 from pipeline.config import Config
 from pipeline.errors import ImageDecodeError
 from pipeline.onnx_runtime import Device
-from pipeline.serving.imaging import to_mnist
+from pipeline.serving.imaging import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE, to_mnist
 from pipeline.serving.model_store import MODEL_FILE, load_model
 
 
+@dataclass(frozen=True)
+class Classified:
+    """One file's answer: ``digit``/``probability``, or ``error`` (then both are None)."""
+
+    path: Path
+    digit: int | None = None
+    probability: float | None = None
+    error: str | None = None
+
+
+def read_bounded(path: Path, limit: int) -> bytes:
+    """At most ``limit`` bytes of ``path``. Raises :class:`ImageDecodeError` if it has more."""
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(limit + 1)
+    except OSError as err:
+        raise ImageDecodeError(f"cannot read: {err.strerror or err}") from err
+    if len(data) > limit:
+        raise ImageDecodeError(f"larger than {limit} bytes (serve.max_body_bytes)")
+    return data
+
+
 def classify_files(
-    paths: list[Path], model_path: Path, max_pixels: int, device: Device = "auto"
-) -> list[tuple[Path, int, float]]:
-    """``[(path, digit, probability)]`` for each file. Raises :class:`ImageDecodeError`."""
-    images = []
-    for path in paths:
-        try:
-            data = Path(path).read_bytes()
-        except OSError as err:
-            raise ImageDecodeError(f"{path}: cannot read: {err.strerror or err}") from err
-        try:
-            images.append(to_mnist(data, max_pixels))
-        except ImageDecodeError as err:
-            raise ImageDecodeError(f"{path}: {err}") from err
+    paths: list[Path],
+    model_path: Path,
+    max_bytes: int,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_side: int = DEFAULT_MAX_SIDE,
+    device: Device = "auto",
+) -> list[Classified]:
+    """A :class:`Classified` per path, in order. Raises :class:`ModelFileError` only."""
     model = load_model(model_path, device=device)
-    _, probs = model.predict(np.stack(images))
-    digits = probs.argmax(axis=1)
+    images: dict[int, np.ndarray] = {}
+    errors: dict[int, str] = {}
+    for i, path in enumerate(paths):
+        try:
+            images[i] = to_mnist(read_bounded(Path(path), max_bytes), max_pixels, max_side)
+        except ImageDecodeError as err:
+            errors[i] = str(err)
+    answers: dict[int, tuple[int, float]] = {}
+    if images:
+        _, probs = model.predict(np.stack(list(images.values())))
+        for i, p in zip(images, probs, strict=True):
+            digit = int(p.argmax())
+            answers[i] = (digit, float(p[digit]))
     return [
-        (p, int(d), float(probs[i, d])) for i, (p, d) in enumerate(zip(paths, digits, strict=True))
+        Classified(path, *answers[i]) if i in answers else Classified(path, error=errors[i])
+        for i, path in enumerate(paths)
     ]
 
 
 def predict_files(
-    cfg: Config, paths: list[Path], model: Path | None, out: TextIO = sys.stdout
+    cfg: Config,
+    paths: list[Path],
+    model: Path | None,
+    out: TextIO = sys.stdout,
+    err: TextIO = sys.stderr,
 ) -> None:
-    """CLI entry: print ``path<TAB>digit<TAB>probability`` per file (see module doc)."""
+    """CLI entry (see module doc). Raises :class:`ImageDecodeError` if any file failed."""
     model_path = model or cfg.registry.production_dir / MODEL_FILE
-    for path, digit, prob in classify_files(
-        paths, model_path, cfg.serve.max_image_pixels, cfg.serve.device
-    ):
-        print(f"{path}\t{digit}\t{prob:.4f}", file=out)
+    serve = cfg.serve
+    results = classify_files(
+        paths,
+        model_path,
+        serve.max_body_bytes,
+        serve.max_image_pixels,
+        serve.max_image_side,
+        serve.device,
+    )
+    for r in results:
+        if r.error is None:
+            print(f"{r.path}\t{r.digit}\t{r.probability:.4f}", file=out)
+        else:
+            print(f"{r.path}: {r.error}", file=err)
+    failed = sum(r.error is not None for r in results)
+    if failed:
+        raise ImageDecodeError(f"{failed} of {len(results)} files could not be classified")

@@ -65,6 +65,12 @@ class Health(BaseModel):
     model_sha256: str | None
 
 
+class Readiness(Health):
+    detail: str | None = Field(
+        default=None, description="set when the last model reload was refused (and why)"
+    )
+
+
 class IOSpec(BaseModel):
     name: str
     type: str
@@ -87,15 +93,23 @@ class ModelInfo(BaseModel):
     outputs: list[IOSpec]
     metadata: dict[str, str] = Field(description="the ONNX file's metadata_props (provenance)")
     reloads: int = Field(description="model swaps since start-up")
-    last_reload_error: str | None
+    failed_reloads: int = Field(description="model files refused since start-up")
+    last_reload_error: str | None = Field(
+        description="why the last model file was refused (contract, unreadable), if it was"
+    )
+    model_file_missing: str | None = Field(
+        description="set while the production model file is missing (this one keeps serving)"
+    )
 
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": text}
     for code, text in {
         400: "malformed request (not JSON, bad Content-Length)",
+        401: "missing or wrong bearer token (when the service has one)",
+        408: "the body did not arrive within serve.body_timeout_s",
         413: "body larger than serve.max_body_bytes",
         422: "valid JSON/multipart but not a valid batch or image",
-        503: "no model loaded yet",
+        503: "no model loaded yet, model file missing, or busy (with Retry-After)",
     }.items()
 }

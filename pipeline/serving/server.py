@@ -1,19 +1,25 @@
 """``python -m pipeline serve``: FastAPI on uvicorn over the production ONNX model.
 
 Endpoints: ``POST /v1/predict`` (JSON batch), ``POST /v1/predict/image`` (PNG/JPEG
-upload), ``GET /healthz`` (liveness), ``GET /readyz`` (503 until a model is loaded),
-``GET /v1/model`` (ONNX metadata, sha256, provider), ``GET /openapi.json``.
+upload), ``GET /healthz`` (liveness), ``GET /readyz`` (503 until a model is loaded, or
+while the production model file is missing), ``GET /v1/model`` (ONNX metadata, sha256,
+provider), ``GET /metrics`` (Prometheus), ``GET /openapi.json`` (+ ``/docs`` unless
+``serve.docs`` is false).
 
-Every client mistake gets a 4xx with ``{"error": code, "detail": message}``. The body
-size cap is enforced by :class:`BodyLimitMiddleware` before anything is parsed. A
-background task polls ``production_dir/model.onnx`` every ``reload_interval_s`` and
-hot-swaps the model (see :mod:`pipeline.serving.model_store`).
+Every client mistake gets a 4xx with ``{"error": code, "detail": message}``; load
+limits answer 503 with ``Retry-After``. The body size cap is enforced by
+:class:`BodyLimitMiddleware` before anything is parsed; time, concurrency, memory and
+token checks are in :mod:`pipeline.serving.guards`. A background task polls
+``production_dir/model.onnx`` every ``reload_interval_s`` and hot-swaps the model (see
+:mod:`pipeline.serving.model_store`); a file that breaks the model contract is refused
+and the old model stays.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -24,19 +30,32 @@ import numpy.typing as npt
 from fastapi import FastAPI, File, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pipeline.config import RegistryConfig, ServeConfig
-from pipeline.errors import ImageDecodeError
+from pipeline.errors import ConfigError, ImageDecodeError
+from pipeline.serving.guards import (
+    RETRY_AFTER_S,
+    Admission,
+    AdmissionMiddleware,
+    AuthMiddleware,
+    DeadlineMiddleware,
+    Overloaded,
+    WorkSlots,
+    header_timeout_protocol,
+    send_error,
+)
 from pipeline.serving.imaging import to_mnist
+from pipeline.serving.metrics import CONTENT_TYPE, Metrics, MetricsMiddleware
 from pipeline.serving.model_store import MODEL_FILE, ModelStore, ServedModel
 from pipeline.serving.schemas import (
     ERRORS,
     Health,
     ModelInfo,
     PredictResponse,
+    Readiness,
     predict_request_schema,
 )
 
@@ -51,19 +70,23 @@ INLINE_BODY_BYTES = 32 * 1024
 class ApiError(StarletteHTTPException):
     """A client error with a machine-readable code; rendered as ``{"error", "detail"}``."""
 
-    def __init__(self, status_code: int, error: str, detail: Any) -> None:
-        super().__init__(status_code=status_code, detail=detail)
+    def __init__(
+        self, status_code: int, error: str, detail: Any, headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(status_code=status_code, detail=detail, headers=headers)
         self.error = error
+
+
+def _overloaded(err: Overloaded) -> ApiError:
+    return ApiError(
+        503, "overloaded", f"{err}; retry later", headers={"Retry-After": str(RETRY_AFTER_S)}
+    )
 
 
 class BodyTooLarge(ApiError):
     def __init__(self, limit: int, seen: int | None = None) -> None:
         said = f"request body is {seen} bytes" if seen is not None else "request body is larger"
         super().__init__(413, "body_too_large", f"{said}; the limit is {limit} bytes")
-
-
-def _error_body(error: str, detail: Any) -> bytes:
-    return json.dumps({"error": error, "detail": detail}).encode()
 
 
 class BodyLimitMiddleware:
@@ -105,12 +128,12 @@ class BodyLimitMiddleware:
                     declared = int(value)
                 except ValueError:
                     detail = "Content-Length is not a number"
-                    await _send_error(send, 400, "bad_content_length", detail)
+                    await send_error(send, 400, "bad_content_length", detail)
                     return
         if declared is not None and declared > self.max_bytes:
             err = BodyTooLarge(self.max_bytes, declared)
             await self._drain(receive, 0)
-            await _send_error(send, 413, err.error, err.detail)
+            await send_error(send, 413, err.error, err.detail)
             return
         seen = 0
         started = overflowed = False
@@ -142,24 +165,7 @@ class BodyLimitMiddleware:
                 raise
             if overflowed:
                 await self._drain(receive, seen)
-            await _send_error(send, 413, err.error, err.detail)
-
-
-async def _send_error(send: Send, status: int, error: str, detail: Any) -> None:
-    body = _error_body(error, detail)
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                # The unread rest of the body makes the connection unusable.
-                (b"connection", b"close"),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
+            await send_error(send, 413, err.error, err.detail)
 
 
 def _reject_constant(name: str) -> float:
@@ -246,8 +252,13 @@ async def _poll_forever(store: ModelStore, interval_s: float) -> None:
             log.exception("model poll failed; will retry")
 
 
-def create_app(serve: ServeConfig, store: ModelStore, poll: bool = True) -> FastAPI:
-    """The ASGI app. ``poll=False`` disables the background reload task (tests)."""
+def create_app(
+    serve: ServeConfig, store: ModelStore, poll: bool = True, token: str | None = None
+) -> FastAPI:
+    """The ASGI app. ``poll=False`` disables the background reload task (tests).
+
+    ``token``: when given, the predict endpoints require ``Authorization: Bearer <token>``.
+    """
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -272,13 +283,33 @@ def create_app(serve: ServeConfig, store: ModelStore, poll: bool = True) -> Fast
         version="1",
         description="onnxruntime inference on the production model; hot-swapped on promotion.",
         lifespan=lifespan,
+        # Swagger UI / ReDoc come from a CDN: serve.docs=false on offline machines.
+        docs_url="/docs" if serve.docs else None,
+        redoc_url="/redoc" if serve.docs else None,
     )
+    metrics = Metrics(store)
+    admission = Admission(serve.max_inflight_requests, serve.max_inflight_bytes)
+    slots = WorkSlots(serve.max_concurrent_work, serve.queue_timeout_s)
+    # add_middleware wraps: the last added is the outermost.
+    app.add_middleware(
+        AdmissionMiddleware,
+        admission=admission,
+        unknown_size=serve.max_body_bytes,
+        on_shed=lambda kind: metrics.shed.labels(kind).inc(),
+    )
+    app.add_middleware(AuthMiddleware, token=token)
     app.add_middleware(BodyLimitMiddleware, max_bytes=serve.max_body_bytes)
+    app.add_middleware(DeadlineMiddleware, body_timeout_s=serve.body_timeout_s)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = exc.error if isinstance(exc, ApiError) else _http_code(exc.status_code)
-        return JSONResponse({"error": code, "detail": exc.detail}, status_code=exc.status_code)
+        code = getattr(exc, "error", None) or _http_code(exc.status_code)
+        if exc.status_code == 503 and code == "overloaded":
+            metrics.shed.labels("work_slots").inc()
+        return JSONResponse(
+            {"error": code, "detail": exc.detail}, status_code=exc.status_code, headers=exc.headers
+        )
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -298,14 +329,23 @@ def create_app(serve: ServeConfig, store: ModelStore, poll: bool = True) -> Fast
             "model_sha256": model.sha256 if model else None,
         }
 
-    @app.get("/readyz", response_model=Health, responses={503: ERRORS[503]}, summary="readiness")
+    @app.get("/readyz", response_model=Readiness, responses={503: ERRORS[503]}, summary="readiness")
     async def readyz() -> dict[str, Any]:
         model = _require_model(store)
+        if store.state.missing is not None:
+            # Still answering with the loaded model, but the deployment is broken.
+            raise ApiError(
+                503, "model_missing", f"{store.state.missing}; still serving sha256={model.sha256}"
+            )
+        rejected = store.state.last_error
         return {
             "status": "ready",
             "model_loaded": True,
             "provider": model.provider,
             "model_sha256": model.sha256,
+            "detail": f"last reload refused, serving the previous model: {rejected}"
+            if rejected
+            else None,
         }
 
     @app.get("/v1/model", response_model=ModelInfo, responses={503: ERRORS[503]})
@@ -314,13 +354,19 @@ def create_app(serve: ServeConfig, store: ModelStore, poll: bool = True) -> Fast
         return {
             **model.describe(),
             "reloads": store.state.reloads,
+            "failed_reloads": store.state.failed_reloads,
             "last_reload_error": store.state.last_error,
+            "model_file_missing": store.state.missing,
         }
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     @app.post(
         "/v1/predict",
         response_model=PredictResponse,
-        responses={k: ERRORS[k] for k in (400, 413, 422, 503)},
+        responses={k: ERRORS[k] for k in (400, 401, 408, 413, 422, 503)},
         openapi_extra={
             "requestBody": {
                 "required": True,
@@ -337,14 +383,19 @@ def create_app(serve: ServeConfig, store: ModelStore, poll: bool = True) -> Fast
         if len(body) <= INLINE_BODY_BYTES:
             result = _predictions(model, parse_batch(body, serve.max_batch))
         else:
-            images = await run_in_threadpool(parse_batch, body, serve.max_batch)
-            result = await run_in_threadpool(_predictions, model, images)
+            try:
+                async with slots.slot():
+                    images = await run_in_threadpool(parse_batch, body, serve.max_batch)
+                    del body  # the pixels are parsed: let the JSON text go
+                    result = await run_in_threadpool(_predictions, model, images)
+            except Overloaded as err:
+                raise _overloaded(err) from None
         return JSONResponse(result)
 
     @app.post(
         "/v1/predict/image",
         response_model=PredictResponse,
-        responses={k: ERRORS[k] for k in (413, 422, 503)},
+        responses={k: ERRORS[k] for k in (401, 408, 413, 422, 503)},
         summary="classify one PNG/JPEG of a digit (any size; MNIST-style preprocessing)",
     )
     async def predict_image(
@@ -353,11 +404,17 @@ def create_app(serve: ServeConfig, store: ModelStore, poll: bool = True) -> Fast
         model = _require_model(store)
         data = await file.read()
         try:
-            image = await run_in_threadpool(to_mnist, data, serve.max_image_pixels)
+            async with slots.slot():
+                image = await run_in_threadpool(
+                    to_mnist, data, serve.max_image_pixels, serve.max_image_side
+                )
         except ImageDecodeError as err:
             raise ApiError(422, "bad_image", f"{file.filename or 'upload'}: {err}") from err
+        except Overloaded as err:
+            raise _overloaded(err) from None
         return JSONResponse(_predictions(model, image[None]))
 
+    metrics.route_paths = frozenset(getattr(r, "path", "") for r in app.routes)
     return app
 
 
@@ -375,19 +432,65 @@ def build_store(serve: ServeConfig, registry: RegistryConfig) -> ModelStore:
     )
 
 
-def run_server(
-    serve: ServeConfig, registry: RegistryConfig, host: str | None, port: int | None
-) -> None:
-    """Serve until interrupted. Starts even without a model (readiness says so)."""
+LOOPBACK_NAMES = ("localhost",)
+
+
+def is_loopback(host: str) -> bool:
+    """``127.0.0.0/8``, ``::1`` or ``localhost``; anything else can be reached from outside."""
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: assume reachable
+        return False
+
+
+def resolve_token(serve: ServeConfig, host: str, token: str | None) -> str | None:
+    """The bearer token to require, or None. Raises :class:`ConfigError` when a
+    non-loopback bind has no token and ``serve.allow_unauthenticated`` is false."""
+    if token:
+        return token
+    if is_loopback(host):
+        log.info("no %s set: predict endpoints are open (loopback only)", serve.auth_token_env)
+        return None
+    if serve.allow_unauthenticated:
+        log.warning("serving %s WITHOUT authentication (serve.allow_unauthenticated)", host)
+        return None
+    raise ConfigError(
+        f"refusing to serve on {host} without a token: set the environment variable "
+        f"{serve.auth_token_env} (bearer token for /v1/predict*), bind 127.0.0.1, or set "
+        "serve.allow_unauthenticated=true"
+    )
+
+
+def uvicorn_config(app: FastAPI, serve: ServeConfig, **kwargs: Any) -> Any:
+    """``uvicorn.Config`` with the h11 protocol that times out slow request headers."""
     import uvicorn
 
+    kwargs.setdefault("access_log", serve.access_log)
+    return uvicorn.Config(app, http=header_timeout_protocol(serve.header_timeout_s), **kwargs)
+
+
+def run_server(
+    serve: ServeConfig,
+    registry: RegistryConfig,
+    host: str | None,
+    port: int | None,
+    token: str | None = None,
+) -> None:
+    """Serve until interrupted. Starts even without a model (readiness says so).
+
+    ``token`` comes from the environment variable named by ``serve.auth_token_env``
+    (read by the CLI). Raises :class:`ConfigError` for a non-loopback bind without one.
+    """
+    import uvicorn
+
+    bind = host or serve.host
+    token = resolve_token(serve, bind, token)
     store = build_store(serve, registry)
-    app = create_app(serve, store)
-    # Access logging costs ~10% at batch 1; errors are still logged.
-    uvicorn.run(
-        app,
-        host=host or serve.host,
-        port=serve.port if port is None else port,
-        access_log=False,
-        log_level="info",
+    app = create_app(serve, store, token=token)
+    # Access logging (serve.access_log) costs ~10% at batch 1; errors are always logged.
+    config = uvicorn_config(
+        app, serve, host=bind, port=serve.port if port is None else port, log_level="info"
     )
+    uvicorn.Server(config).run()

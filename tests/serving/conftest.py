@@ -26,7 +26,7 @@ from pipeline.export import export_onnx
 from pipeline.model_io import LoadedModel
 from pipeline.models import build_model
 from pipeline.serving.model_store import MODEL_FILE, ModelStore
-from pipeline.serving.server import create_app
+from pipeline.serving.server import create_app, uvicorn_config
 
 MEAN, STD = 0.1307, 0.3081
 
@@ -88,14 +88,16 @@ TEST_SERVE = replace(
 )
 
 
-def start_server(store: ModelStore, serve: ServeConfig = TEST_SERVE) -> LiveServer:
+def start_server(
+    store: ModelStore, serve: ServeConfig = TEST_SERVE, token: str | None = None
+) -> LiveServer:
     """uvicorn.Server in a thread on a free loopback port; returns once it accepts."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    config = uvicorn.Config(
-        create_app(serve, store), log_level="warning", access_log=False, lifespan="on"
+    config = uvicorn_config(
+        create_app(serve, store, token=token), serve, log_level="warning", lifespan="on"
     )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
@@ -117,8 +119,10 @@ def stop_server(live: LiveServer) -> None:
 def server_factory() -> Iterator[Callable[..., LiveServer]]:
     started: list[LiveServer] = []
 
-    def make(store: ModelStore, serve: ServeConfig = TEST_SERVE) -> LiveServer:
-        live = start_server(store, serve)
+    def make(
+        store: ModelStore, serve: ServeConfig = TEST_SERVE, token: str | None = None
+    ) -> LiveServer:
+        live = start_server(store, serve, token)
         started.append(live)
         return live
 

@@ -6,10 +6,12 @@ import io
 
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFile
 
 from pipeline.errors import ImageDecodeError
-from pipeline.serving.imaging import normalise_digit, to_mnist
+from pipeline.serving.imaging import WORK_SIDE, decode, normalise_digit, to_mnist
+
+from .hostile import huge_png, lying_jpeg, lying_png
 
 
 def encode(img: Image.Image, fmt: str = "PNG", **kw: object) -> bytes:
@@ -129,3 +131,51 @@ def test_pixel_cap_is_checked_before_decoding() -> None:
 def test_normalise_digit_rejects_non_2d() -> None:
     with pytest.raises(ImageDecodeError, match="2-D"):
         normalise_digit(np.zeros((3, 4, 5)))
+
+
+def test_lying_jpeg_is_refused_before_decoding() -> None:
+    """issue 10: ~2 KB of JPEG whose header claims 6000x6000 (libjpeg would pad with grey)."""
+    data = lying_jpeg()
+    assert len(data) < 2500 and Image.open(io.BytesIO(data)).size == (6000, 6000)
+    with pytest.raises(ImageDecodeError, match="6000x6000 = 36000000 pixels; the limit is 16"):
+        to_mnist(data)
+    # Even when the size limits allow it, too little data for the declared size is refused.
+    with pytest.raises(ImageDecodeError, match=r"truncated JPEG: the header declares 6000x6000"):
+        to_mnist(data, max_pixels=50_000_000)
+    with pytest.raises(ImageDecodeError, match=r"truncated JPEG: the header declares 3000x3000"):
+        to_mnist(lying_jpeg(3000, 3000))
+
+
+def test_truncated_files_are_refused() -> None:
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is False
+    with pytest.raises(ImageDecodeError, match="corrupt or truncated PNG"):
+        to_mnist(lying_png())  # 200x200 of data, IHDR says 2000x2000 (CRC valid)
+    full = encode(drawn_digit(), "JPEG", quality=90)
+    with pytest.raises(ImageDecodeError, match="corrupt or truncated JPEG"):
+        to_mnist(full[: len(full) * 2 // 3])  # cut without an end marker
+
+
+def test_huge_png_is_refused_by_its_header() -> None:
+    data = huge_png()
+    assert len(data) < 250_000
+    with pytest.raises(ImageDecodeError, match="6300x6300 = 39690000 pixels"):
+        to_mnist(data)
+    with pytest.raises(ImageDecodeError, match="9000x10; the limit is 8192 pixels a side"):
+        to_mnist(encode(Image.new("L", (9000, 10), 255)))
+
+
+def test_large_images_are_reduced_not_changed() -> None:
+    """A 4800x3200 photo (JPEG: decoded at reduced scale) gives the digit of its 300x200 copy."""
+    small = drawn_digit()
+    big = small.resize((4800, 3200), Image.Resampling.BICUBIC)
+    reference = to_mnist(encode(small))
+    for fmt in ("PNG", "JPEG"):
+        out = to_mnist(encode(big, fmt, **({"quality": 90} if fmt == "JPEG" else {})))
+        assert np.corrcoef(out.ravel(), reference.ravel())[0, 1] > 0.95
+        assert decode(encode(big, fmt)).size[0] <= 2 * WORK_SIDE
+
+
+def test_importing_the_server_keeps_truncated_loading_off() -> None:
+    import pipeline.serving.server  # noqa: F401
+
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is False

@@ -15,6 +15,8 @@ from pipeline.atomic import sha256_file
 from pipeline.errors import ModelFileError
 from pipeline.serving.model_store import MODEL_FILE, ModelStore, load_model
 
+from .hostile import three_class_onnx
+
 
 def test_load_reads_hash_metadata_and_predicts(onnx_models: tuple[Path, Path]) -> None:
     model = load_model(onnx_models[0], device="cpu")
@@ -122,3 +124,33 @@ def test_poll_swaps_on_directory_replacement_and_keeps_old_on_bad_file(
     assert store.poll() is False
     assert store.current is not None and store.current.sha256 == second.sha256
     assert store.state.last_error is None
+
+
+def test_three_class_model_is_refused_at_start_and_on_swap(
+    tmp_path: Path, onnx_models: tuple[Path, Path], install_model: Callable[[Path, Path], None]
+) -> None:
+    """issue 10: right input/output names, 3 classes: never served; the old model stays."""
+    wrong = tmp_path / "three.onnx"
+    wrong.write_bytes(three_class_onnx())
+    with pytest.raises(ModelFileError, match=r"output 'logits' must be float32 \[N,10\]"):
+        load_model(wrong, device="cpu")
+
+    prod = tmp_path / "production"
+    install_model(wrong, prod)
+    store = ModelStore(prod / MODEL_FILE, device="cpu")
+    assert store.poll() is False and store.current is None  # at start: nothing served
+    assert "breaks the model contract" in (store.state.last_error or "")
+
+    install_model(onnx_models[0], prod)
+    assert store.poll() is True
+    good = store.current
+    install_model(wrong, prod)
+    assert store.poll() is False and store.current is good  # on swap: the old one stays
+    assert "got tensor(float) ['N', '3']" in (store.state.last_error or "")
+    assert store.state.failed_reloads == 2 and store.state.reloads == 1
+
+
+def test_producer_is_the_exporting_library(onnx_models: tuple[Path, Path]) -> None:
+    """Not onnxruntime's ``version`` (the unset ONNX model_version, INT64_MAX)."""
+    producer = load_model(onnx_models[0], device="cpu").describe()["producer"]
+    assert producer == f"pytorch {torch.__version__}"

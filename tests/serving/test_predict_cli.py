@@ -13,6 +13,8 @@ from PIL import Image, ImageDraw
 from pipeline.serving.imaging import to_mnist
 from pipeline.serving.model_store import MODEL_FILE, load_model
 
+from .hostile import huge_png, lying_jpeg
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -64,14 +66,34 @@ def test_model_option_and_bad_files(tmp_path: Path, onnx_models: tuple[Path, Pat
 
     bad = tmp_path / "notes.png"
     bad.write_text("not an image")
-    result = run_cli("predict", str(good), str(bad), "--model", str(onnx_models[0]))
+    missing = tmp_path / "nope.png"
+    result = run_cli("predict", str(bad), str(good), str(missing), "--model", str(onnx_models[0]))
     assert result.returncode != 0
-    assert result.stdout == ""  # nothing half-printed
-    assert "ImageDecodeError" in result.stderr and "notes.png" in result.stderr
+    # Every file is tried: the good one is answered, each bad one gets one line.
+    assert [line.split("\t")[0] for line in result.stdout.splitlines()] == [str(good)]
+    errors = result.stderr.strip().splitlines()
+    assert any(line.startswith(f"{bad}: not an image") for line in errors), result.stderr
+    assert any(line.startswith(f"{missing}: cannot read") for line in errors), result.stderr
+    assert "ImageDecodeError: 2 of 3 files could not be classified" in errors[-1]
 
-    missing = run_cli("predict", str(tmp_path / "nope.png"), "--model", str(onnx_models[0]))
-    assert missing.returncode != 0
-    assert "ImageDecodeError" in missing.stderr and "nope.png: cannot read" in missing.stderr
+
+def test_reads_are_bounded(tmp_path: Path, onnx_models: tuple[Path, Path]) -> None:
+    """``predict /dev/zero`` stops after serve.max_body_bytes + 1 bytes."""
+    result = run_cli(
+        "predict", "/dev/zero", "--model", str(onnx_models[0]), "--set", "serve.max_body_bytes=1000"
+    )
+    assert result.returncode != 0
+    assert "/dev/zero: larger than 1000 bytes (serve.max_body_bytes)" in result.stderr
+
+
+def test_hostile_files_are_refused(tmp_path: Path, onnx_models: tuple[Path, Path]) -> None:
+    jpeg, png = tmp_path / "lying.jpg", tmp_path / "huge.png"
+    jpeg.write_bytes(lying_jpeg())
+    png.write_bytes(huge_png())
+    result = run_cli("predict", str(jpeg), str(png), "--model", str(onnx_models[0]))
+    assert result.returncode != 0 and result.stdout == ""
+    assert f"{jpeg}: image is 6000x6000 = 36000000 pixels; the limit is 16000000" in result.stderr
+    assert f"{png}: image is 6300x6300 = 39690000 pixels" in result.stderr
 
 
 def test_missing_model_is_a_named_error(tmp_path: Path) -> None:
