@@ -222,19 +222,30 @@ def test_ingest_survives_a_kill_anywhere(
 
 @pytest.fixture(scope="module")
 def onnx_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Three small exported models ``a``, ``b``, ``c`` (model_version in their metadata)."""
-    import torch
+    """Three distinct tiny ONNX files ``a``, ``b``, ``c`` (model_version in their metadata).
 
-    from pipeline.export import export_onnx
-    from pipeline.model_io import LoadedModel
-    from pipeline.models import build_model
+    Promote copies and hashes the file and reads its metadata; it does not run it, so an
+    Identity graph built with onnx.helper serves (no torch export: seconds saved per test).
+    """
+    import onnx
+    from onnx import TensorProto, helper
+
+    # promote reads the metadata through pipeline.export, which imports torch: import it
+    # once here rather than in every forked child.
+    import pipeline.export  # noqa: F401
 
     root = tmp_path_factory.mktemp("crash-models")
     out = {}
-    for seed, name in enumerate("abc"):
-        torch.manual_seed(seed)
-        model = LoadedModel(build_model("mlp").eval(), "mlp", 32, 0.1307, 0.3081)
-        out[name] = export_onnx(model, root / f"{name}.onnx", metadata={"model_version": name})
+    for name in "abc":
+        x = helper.make_tensor_value_info("input", TensorProto.FLOAT, [None, 1, 28, 28])
+        y = helper.make_tensor_value_info("output", TensorProto.FLOAT, [None, 1, 28, 28])
+        graph = helper.make_graph(
+            [helper.make_node("Identity", ["input"], ["output"])], name, [x], [y]
+        )
+        model = helper.make_model(graph)
+        helper.set_model_props(model, {"model_version": name})
+        out[name] = root / f"{name}.onnx"
+        onnx.save(model, str(out[name]))
     return out
 
 
