@@ -2,7 +2,7 @@
 
 A reader (or a crash) never sees a half-written artifact: every file is written to a
 temporary sibling, flushed, fsynced and renamed over the destination. Directories are
-built in a temporary sibling and swapped in with renames.
+built in a temporary sibling and swapped in by :mod:`pipeline.dirswap`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import contextlib
 import hashlib
 import json
 import os
-import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -83,38 +82,12 @@ def write_json(dest: Path, obj: Any) -> Path:
 def atomic_dir(dest: Path) -> Iterator[Path]:
     """Yield an empty temporary directory beside ``dest``; swap it in on success.
 
-    The old ``dest`` (if any) is moved aside, the new one renamed in, then the old one
-    deleted, so at every moment ``dest`` is either the complete old or the complete new
-    directory. On an exception the temporary directory is removed and ``dest`` is untouched.
+    The swap is one ``renameat2(RENAME_EXCHANGE)`` under a journal
+    (:mod:`pipeline.dirswap`): at every moment ``dest`` is the complete old or the
+    complete new directory, and a kill leaves nothing the next swap does not clean up.
+    On an exception the temporary directory is removed and ``dest`` is untouched.
     """
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
-    os.chmod(tmp, 0o777 & ~_UMASK)
-    try:
+    from pipeline.dirswap import replacing  # dirswap writes its journal with this module
+
+    with replacing([Path(dest)]) as (tmp,):
         yield tmp
-        replace_dir(tmp, dest)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-
-
-def replace_dir(src: Path, dest: Path) -> None:
-    """Rename directory ``src`` onto ``dest``, replacing whatever ``dest`` was."""
-    old: Path | None = None
-    if dest.exists() or dest.is_symlink():
-        old = dest.with_name(f".{dest.name}.old.{os.getpid()}")
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(dest, old)
-    try:
-        os.replace(src, dest)
-    except OSError:
-        if old is not None:
-            os.replace(old, dest)
-        raise
-    if old is not None:
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old)
-        else:
-            old.unlink()

@@ -45,6 +45,26 @@ def _train(cfg: Config, args: argparse.Namespace) -> None:
     from pipeline.train import run_train_stage
 
     run_train_stage(cfg, resume=args.resume)
+    if args.resume:
+        log.warning(
+            "train: resumed; record it with `dvc commit --force train` (or resume with "
+            "`python -m pipeline resume`), else the next `dvc repro` replaces this model"
+        )
+
+
+def _resume(cfg: Config, args: argparse.Namespace) -> None:
+    from pipeline.dvc_record import TRAIN_STAGE, dvc_commit, require_dvc_project
+    from pipeline.train import run_train_stage
+
+    # dvc.lock will claim the model was made from params.yaml: nothing else may differ.
+    if args.overrides or args.profile or args.params != Path("params.yaml"):
+        raise ConfigError(
+            "resume records its result in dvc.lock, which describes params.yaml: run it "
+            "without --params/--profile/--set (change parameters with `dvc exp run -S`)"
+        )
+    require_dvc_project(Path.cwd())
+    run_train_stage(cfg, resume=True)
+    log.info("resume: %s", dvc_commit(TRAIN_STAGE, Path.cwd()) or "dvc.lock updated")
 
 
 def _evaluate(cfg: Config, args: argparse.Namespace) -> None:
@@ -77,6 +97,14 @@ def _rollback(cfg: Config, args: argparse.Namespace) -> None:
     rollback(cfg)
 
 
+def _recover(cfg: Config, args: argparse.Namespace) -> None:
+    from pipeline.ingest import recover_data
+    from pipeline.registry import recover_registry
+
+    done = recover_data(cfg.data) + recover_registry(cfg)
+    log.info("recover: %s", "; ".join(done) if done else "nothing to do")
+
+
 def _serve(cfg: Config, args: argparse.Namespace) -> None:
     from pipeline.serving.server import run_server
 
@@ -101,6 +129,8 @@ STAGES: dict[str, tuple[Handler, str]] = {
     "gate": (_gate, "accept or reject the candidate (exits non-zero on rejection)"),
     "promote": (_promote, "install a gated candidate as the production model"),
     "rollback": (_rollback, "restore the previous production model"),
+    "recover": (_recover, "finish interrupted ingest/promote/rollback swaps, remove leftovers"),
+    "resume": (_resume, "train --resume, then `dvc commit --force train` (dvc.lock keeps it)"),
     "serve": (_serve, "HTTP inference service on the production model"),
     "predict": (_predict, "classify image files with the production model"),
 }

@@ -82,3 +82,12 @@ class ImageDecodeError(PipelineError):
 
 class OrchestrationError(PipelineError):
     """A DVC command run by the Prefect flow failed, or DVC and the flow disagree afterwards."""
+
+
+class SwapRecoveryError(PipelineError):
+    """An interrupted directory swap cannot be finished: its journal is unreadable or the
+    directories are in a state the swap cannot have left."""
+
+
+class DvcCommandError(PipelineError):
+    """A DVC command run by the CLI (e.g. ``dvc commit`` after a resumed training) failed."""

@@ -1,9 +1,12 @@
 """The ingest stage: verified MNIST files in, ``data/raw`` and ``data/prepared`` out.
 
-Everything is fetched into a private staging directory, checksummed and parsed in
-memory first; only when all four files pass are the two output directories written,
-each built beside its destination and renamed into place. A failure at any step leaves
-``data/`` exactly as it was.
+Everything is fetched into a staging directory beside ``data/raw``, checksummed and
+parsed in memory first; only when all four files pass is the prepared directory built
+(beside ``data/prepared``) and are the two swapped in together by
+:mod:`pipeline.dirswap`: each with one atomic exchange, under a journal, so a kill at
+any moment leaves each directory complete, and the next run (or
+``python -m pipeline recover``) completes the pair and removes leftovers. A failure at
+any step leaves ``data/`` exactly as it was.
 """
 
 from __future__ import annotations
@@ -11,16 +14,15 @@ from __future__ import annotations
 import io
 import json
 import logging
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from pipeline.atomic import atomic_dir, sha256_bytes, sha256_file
+from pipeline.atomic import sha256_bytes, sha256_file
 from pipeline.config import DataConfig
 from pipeline.dataset import MANIFEST, SPLITS, SplitArrays, images_path, labels_path
+from pipeline.dirswap import recover, replacing
 from pipeline.errors import IdxFormatError
 from pipeline.idx import gunzip, parse_images, parse_labels
 from pipeline.sources import (
@@ -90,9 +92,10 @@ def ingest(cfg: DataConfig, files: dict[str, SplitFiles] = MNIST_FILES) -> Inges
     """
     where = cfg.source if cfg.source is not None else "the public mirrors"
     log.info("ingesting MNIST from %s", where)
-    with tempfile.TemporaryDirectory(prefix="mnist-ingest-") as tmp:
-        staging = Path(tmp)
-        staged = fetch_verified(cfg, files, staging)
+    # The raw staging directory is the download directory: verified files are not copied
+    # again, and a killed run's partial download is a leftover the next run removes.
+    with replacing([cfg.raw_dir, cfg.prepared_dir]) as (raw_tmp, prep_tmp):
+        staged = fetch_verified(cfg, files, raw_tmp)
         arrays = {
             split: parse_split(staged[f.images.name], staged[f.labels.name], split)
             for split, f in files.items()
@@ -102,15 +105,10 @@ def ingest(cfg: DataConfig, files: dict[str, SplitFiles] = MNIST_FILES) -> Inges
             blobs[images_path(Path(), split).name] = _npy_bytes(arrays[split].images)
             blobs[labels_path(Path(), split).name] = _npy_bytes(arrays[split].labels)
         manifest = _manifest(files, arrays, blobs)
-
-        # All checks passed: only now touch data/.
-        with atomic_dir(cfg.raw_dir) as raw_tmp:
-            for spec in all_specs(files):
-                shutil.copyfile(staged[spec.name], raw_tmp / spec.name)
-        with atomic_dir(cfg.prepared_dir) as prep_tmp:
-            for name, blob in blobs.items():
-                (prep_tmp / name).write_bytes(blob)
-            (prep_tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        for name, blob in blobs.items():
+            (prep_tmp / name).write_bytes(blob)
+        (prep_tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        # All checks passed: leaving the block swaps both directories in.
     result = IngestResult(
         raw_dir=cfg.raw_dir,
         prepared_dir=cfg.prepared_dir,
@@ -138,3 +136,8 @@ def _manifest(
         "image_shape": [28, 28],
         "dtype": "uint8",
     }
+
+
+def recover_data(cfg: DataConfig) -> list[str]:
+    """Finish an interrupted ingest swap and remove leftover staging directories."""
+    return recover(cfg.raw_dir, [cfg.raw_dir, cfg.prepared_dir])

@@ -8,33 +8,28 @@ Layout (paths from ``cfg.registry``)::
 ``promote`` installs exactly the bytes the gate accepted: ``reports/gate.json`` must
 say ``passed`` and name the sha256 of the current candidate ``model.onnx``; the copy
 is hashed again before it goes live. The new directory is built beside
-``production_dir`` and swapped in with one ``renameat2(RENAME_EXCHANGE)`` on Linux, so
-a serving process watching ``production_dir/model.onnx`` sees either the complete old
-or the complete new directory, never a missing file. Where the exchange is not
-supported the fallback is :func:`pipeline.atomic.replace_dir` (two renames).
-``rollback`` exchanges ``previous_dir`` and ``production_dir`` the same way, so a
-second rollback undoes the first.
+``production_dir``; then, under one journal (:mod:`pipeline.dirswap`), one
+``renameat2(RENAME_EXCHANGE)`` swaps it with production and a second swaps the old
+production with previous. A serving process watching ``production_dir/model.onnx``
+sees the complete old or the complete new directory, never a missing file; a kill
+between the two exchanges is completed by the next promote, rollback or
+``python -m pipeline recover``, so ``previous_dir`` always exists and ends up holding
+the replaced model. ``rollback`` exchanges ``previous_dir`` and ``production_dir``
+the same way, so a second rollback undoes the first.
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import errno
 import json
 import logging
-import os
 import shutil
-import sys
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from pipeline.atomic import atomic_dir, replace_dir, sha256_file, write_json, write_text
+from pipeline.atomic import sha256_file, write_json, write_text
 from pipeline.config import Config
+from pipeline.dirswap import Swap, recover, swapping
 from pipeline.errors import PromotionError
 
 log = logging.getLogger("pipeline.registry")
@@ -43,69 +38,6 @@ MODEL_FILE = "model.onnx"
 CARD_JSON = "model_card.json"
 CARD_MD = "model_card.md"
 PLACEHOLDER = "NO_PREVIOUS_MODEL.txt"
-
-_AT_FDCWD = -100
-_RENAME_EXCHANGE = 2
-
-
-def _renameat2() -> Any | None:
-    if not sys.platform.startswith("linux"):
-        return None
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    fn = getattr(libc, "renameat2", None)  # glibc >= 2.28
-    if fn is not None:
-        fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-        fn.restype = ctypes.c_int
-    return fn
-
-
-def exchange_dirs(a: Path, b: Path) -> bool:
-    """Atomically swap two existing paths (Linux ``RENAME_EXCHANGE``).
-
-    Returns False (nothing changed) where the kernel, libc or filesystem lacks it.
-    """
-    fn = _renameat2()
-    if fn is None:
-        return False
-    rc = fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
-    if rc == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-        return False
-    raise OSError(err, f"renameat2({a}, {b}, RENAME_EXCHANGE): {os.strerror(err)}")
-
-
-def swap_in(new: Path, dest: Path) -> Path | None:
-    """Make directory ``new`` be ``dest``; return where the old ``dest`` went (or None).
-
-    The old directory is left at the returned temporary path (a sibling of ``dest``)
-    for the caller to keep or delete.
-    """
-    if not dest.exists():
-        os.replace(new, dest)
-        return None
-    if exchange_dirs(new, dest):
-        return new  # ``new`` now names the old directory
-    aside = dest.with_name(f".{dest.name}.aside.{os.getpid()}")
-    if aside.exists():
-        shutil.rmtree(aside)
-    shutil.copytree(dest, aside)
-    replace_dir(new, dest)
-    return aside
-
-
-@contextmanager
-def _staging_dir(dest: Path) -> Iterator[Path]:
-    """An empty directory beside ``dest`` (same filesystem, so renames are atomic)."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
-    os.chmod(tmp, 0o755)
-    try:
-        yield tmp
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
 
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:
@@ -232,14 +164,21 @@ def card_markdown(card: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _placeholder(prev: Path) -> None:
-    """An empty ``previous_dir`` after the first promotion.
+def _placeholder(swap: Swap, prev: Path) -> None:
+    """An empty ``previous_dir`` after the first promotion, installed by ``swap``.
 
     dvc.yaml declares it as an output of the promote stage, and DVC fails a stage
     whose declared output is missing; rollback still refuses (no model.onnx in it).
     """
-    with atomic_dir(prev) as tmp:
-        write_text(tmp / PLACEHOLDER, "No previous production model yet (first promotion).\n")
+    tmp = swap.stage(prev)
+    write_text(tmp / PLACEHOLDER, "No previous production model yet (first promotion).\n")
+    swap.move(tmp, prev)
+
+
+def recover_registry(cfg: Config) -> list[str]:
+    """Finish an interrupted promote or rollback; remove leftover staging directories."""
+    prod = Path(cfg.registry.production_dir)
+    return recover(prod, [prod, Path(cfg.registry.previous_dir)])
 
 
 def promote(cfg: Config) -> dict[str, Any]:
@@ -253,14 +192,14 @@ def promote(cfg: Config) -> dict[str, Any]:
     prod = Path(cfg.registry.production_dir)
     prev = Path(cfg.registry.previous_dir)
     current = prod / MODEL_FILE
-    if current.is_file() and sha256_file(current) == gate["candidate_sha256"]:
-        log.info("promote: %s is already the production model", candidate)
-        return _read_json(prod / CARD_JSON, "model card") if (prod / CARD_JSON).is_file() else {}
-    with _staging_dir(prod) as staging:
+    with swapping(prod, [prod, prev]) as swap:
+        if current.is_file() and sha256_file(current) == gate["candidate_sha256"]:
+            log.info("promote: %s is already the production model", candidate)
+            card_path = prod / CARD_JSON
+            return _read_json(card_path, "model card") if card_path.is_file() else {}
+        staging = swap.stage(prod)
         staged = staging / MODEL_FILE
         shutil.copyfile(candidate, staged)
-        with open(staged, "rb+") as fh:
-            os.fsync(fh.fileno())
         if sha256_file(staged) != gate["candidate_sha256"]:
             raise PromotionError(f"{candidate} changed while being promoted; re-run the gate")
         card = build_card(
@@ -271,11 +210,14 @@ def promote(cfg: Config) -> dict[str, Any]:
         )
         write_json(staging / CARD_JSON, card)
         write_text(staging / CARD_MD, card_markdown(card))
-        old = swap_in(staging, prod)
-        if old is not None:
-            replace_dir(old, prev)
+        had_production = prod.exists()
+        swap.install(staging, prod)
+        if had_production:
+            # ``staging`` now names the old production: it becomes previous.
+            swap.install(staging, prev)
         elif not prev.exists():
-            _placeholder(prev)
+            _placeholder(swap, prev)
+        swap.commit()
     log.info("promote: %s is now in production (%s)", card["version"], prod)
     return card
 
@@ -284,19 +226,15 @@ def rollback(cfg: Config) -> str:
     """Exchange ``previous_dir`` and ``production_dir``; return the restored sha256."""
     prod = Path(cfg.registry.production_dir)
     prev = Path(cfg.registry.previous_dir)
-    if not (prev / MODEL_FILE).is_file():
-        raise PromotionError(f"{prev / MODEL_FILE}: no previous model to roll back to")
-    sha = sha256_file(prev / MODEL_FILE)
-    if not prod.exists():
-        os.replace(prev, prod)
-    elif not exchange_dirs(prev, prod):
-        # No atomic exchange here: move production to a side name, then swap in.
-        staging = prod.with_name(f".{prod.name}.rollback.{os.getpid()}")
-        if staging.exists():
-            shutil.rmtree(staging)
-        shutil.copytree(prev, staging)
-        old = swap_in(staging, prod)
-        if old is not None:
-            replace_dir(old, prev)
+    with swapping(prod, [prod, prev]) as swap:
+        if not (prev / MODEL_FILE).is_file():
+            raise PromotionError(f"{prev / MODEL_FILE}: no previous model to roll back to")
+        sha = sha256_file(prev / MODEL_FILE)
+        if prod.exists():
+            swap.exchange(prev, prod)
+        else:
+            swap.move(prev, prod)
+            _placeholder(swap, prev)
+        swap.commit()
     log.info("rollback: production is now %s", sha[:12])
     return sha

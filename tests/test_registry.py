@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import pipeline.registry as registry
+import pipeline.dirswap as dirswap
 from pipeline.atomic import sha256_file, write_json
 from pipeline.config import Config
 from pipeline.dataset import load_split
+from pipeline.dirswap import exchange_dirs
 from pipeline.errors import GateRejected, PromotionError
 from pipeline.export import export_onnx, read_metadata
 from pipeline.gate import run_gate_stage
@@ -26,7 +27,6 @@ from pipeline.registry import (
     CARD_MD,
     MODEL_FILE,
     PLACEHOLDER,
-    exchange_dirs,
     promote,
     rollback,
 )
@@ -205,7 +205,7 @@ def test_fallback_without_rename_exchange(
     cfg: Config, models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Where renameat2(RENAME_EXCHANGE) is unavailable the results are the same."""
-    monkeypatch.setattr(registry, "exchange_dirs", lambda a, b: False)
+    monkeypatch.setattr(dirswap, "exchange_dirs", lambda a, b: False)
     prod, prev = cfg.registry.production_dir, cfg.registry.previous_dir
     sha_a = candidate(cfg, models["a"])
     promote(cfg)
