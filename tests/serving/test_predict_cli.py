@@ -101,3 +101,21 @@ def test_missing_model_is_a_named_error(tmp_path: Path) -> None:
     result = run_cli("predict", str(good), "--set", f"registry.production_dir={tmp_path / 'x'}")
     assert result.returncode != 0
     assert "ModelFileError" in result.stderr and "not found" in result.stderr
+
+
+def test_serving_needs_no_training_stack(tmp_path: Path, onnx_models: tuple[Path, Path]) -> None:
+    """What ``pip install '.[serve]'`` leaves out must not be imported by serve/predict."""
+    good = write_digits(tmp_path)[0]
+    code = (
+        "import sys\n"
+        "for name in ('torch', 'torchvision', 'prefect', 'dvc', 'great_expectations', 'pandas'):\n"
+        "    sys.modules[name] = None  # any import of these now raises ImportError\n"
+        "import pipeline.serving.server\n"
+        "from pipeline.cli import main\n"
+        f"sys.exit(main(['predict', {str(good)!r}, '--model', {str(onnx_models[0])!r}]))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"{good}\t")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -64,3 +65,21 @@ def test_serve_command(tmp_path: Path, production_dir: Path) -> None:
     # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal.
     assert "Application shutdown complete" in text
     assert proc.returncode in (0, -15), text
+
+
+def test_non_loopback_bind_needs_a_token() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "MNIST_SERVE_TOKEN"}
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline", "serve", "--host", "0.0.0.0", "--port", "1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: ConfigError: refusing to serve on 0.0.0.0 without a token: set the environment "
+        "variable MNIST_SERVE_TOKEN (bearer token for /v1/predict*), bind 127.0.0.1, or set "
+        "serve.allow_unauthenticated=true"
+    )
