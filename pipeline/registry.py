@@ -195,6 +195,9 @@ def promote(cfg: Config) -> dict[str, Any]:
     with swapping(prod, [prod, prev]) as swap:
         if current.is_file() and sha256_file(current) == gate["candidate_sha256"]:
             log.info("promote: %s is already the production model", candidate)
+            if not prev.exists():  # e.g. deleted by hand: DVC needs the declared output
+                _placeholder(swap, prev)
+                swap.commit()
             card_path = prod / CARD_JSON
             return _read_json(card_path, "model card") if card_path.is_file() else {}
         staging = swap.stage(prod)

@@ -188,6 +188,11 @@ def test_promoting_the_production_model_again_changes_nothing(
     before = (tree(cfg.registry.production_dir), tree(cfg.registry.previous_dir))
     promote(cfg)
     assert (tree(cfg.registry.production_dir), tree(cfg.registry.previous_dir)) == before
+    # previous/ deleted by hand: DVC would refuse the stage; promote puts a placeholder back.
+    shutil.rmtree(cfg.registry.previous_dir)
+    promote(cfg)
+    assert list(tree(cfg.registry.previous_dir)) == [PLACEHOLDER]
+    assert tree(cfg.registry.production_dir) == before[0]
 
 
 def test_rollback_without_previous_fails(cfg: Config, models: dict[str, Path]) -> None:
