@@ -52,7 +52,7 @@ def report_paths(cfg: Config) -> dict[str, Path]:
     return {
         "data_stats": Path(cfg.validate.stats_path),
         "validation": Path(cfg.validate.report_dir) / "result.json",
-        "train": Path(cfg.train.metrics_path),
+        "train": Path(cfg.train.live_dir) / "metrics.json",
         "eval": Path(cfg.evaluate.metrics_path),
         "per_class": Path(cfg.evaluate.per_class_path),
         "gate": Path(cfg.gate.report_path),

@@ -28,7 +28,7 @@ FORMAT = "mnist-mlops/checkpoint-v1"
 FILENAME = "last.pt"
 
 # Output locations do not change what is trained; everything else does.
-_NOT_HASHED = ("checkpoint_dir", "model_path", "metrics_path", "history_path")
+_NOT_HASHED = ("checkpoint_dir", "model_path", "live_dir", "run_info_path")
 
 
 def train_config_hash(cfg: TrainConfig, data: dict[str, Any] | None = None) -> str:

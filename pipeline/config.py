@@ -109,8 +109,8 @@ class TrainConfig:
     num_threads: NonNegInt = 0
     checkpoint_dir: PathField = Path("models/checkpoints")
     model_path: PathField = Path("models/candidate/model.pt")
-    metrics_path: PathField = Path("metrics/train.json")
-    history_path: PathField = Path("metrics/train_history.csv")
+    live_dir: PathField = Path("metrics/train")  # dvclive: metrics.json, plots/metrics/*.tsv
+    run_info_path: PathField = Path("reports/train/run.json")
 
 
 @dataclass(frozen=True, config=_STRICT)
