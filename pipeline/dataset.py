@@ -11,7 +11,6 @@ The arrays are plain ``.npy`` so they memory-map in microseconds.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -21,6 +20,7 @@ import numpy.typing as npt
 
 from pipeline.atomic import sha256_file
 from pipeline.errors import SourceError
+from pipeline.json_io import read_json
 
 Split = Literal["train", "test"]
 SPLITS: tuple[Split, ...] = ("train", "test")
@@ -67,8 +67,4 @@ def dataset_version(prepared_dir: Path) -> str:
 
 
 def read_manifest(prepared_dir: Path) -> dict[str, object]:
-    path = Path(prepared_dir) / MANIFEST
-    if not path.is_file():
-        raise SourceError(f"{path}: manifest missing; run the ingest stage first")
-    data: dict[str, object] = json.loads(path.read_text())
-    return data
+    return read_json(Path(prepared_dir) / MANIFEST, "manifest", "run the ingest stage first")

@@ -12,6 +12,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from pipeline.errors import ConfigError
+
 MODEL_NAMES = ("mlp", "seed_cnn", "cnn")
 
 
@@ -77,11 +79,10 @@ _BUILDERS: dict[str, Callable[[int], nn.Module]] = {"mlp": mlp, "seed_cnn": seed
 
 
 def build_model(name: str, width: int = 24) -> nn.Module:
-    """Instantiate a model by name. Raises ``ValueError`` for an unknown name."""
-    try:
-        return _BUILDERS[name](width)
-    except KeyError:
-        raise ValueError(f"unknown model {name!r}; known: {', '.join(MODEL_NAMES)}") from None
+    """Instantiate a model by name. Raises :class:`ConfigError` for an unknown name."""
+    if name not in _BUILDERS:
+        raise ConfigError(f"unknown model {name!r}; known: {', '.join(MODEL_NAMES)}")
+    return _BUILDERS[name](width)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -95,7 +95,7 @@ def test_parity_check_cases(tmp_path: Path) -> None:
     report = tmp_path / "parity.json"
     assert not parity_check(report, "abc").passed  # missing
     report.write_text("{not json")
-    assert "not JSON" in parity_check(report, "abc").message
+    assert "not valid JSON" in parity_check(report, "abc").message
     write_json(report, {"onnx_sha256": "other", "passed": True})
     assert "another ONNX file" in parity_check(report, "abc").message
     write_json(report, {"onnx_sha256": "abc", "passed": False})

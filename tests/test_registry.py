@@ -15,7 +15,7 @@ import pipeline.registry as registry
 from pipeline.atomic import sha256_file, write_json
 from pipeline.config import Config
 from pipeline.dataset import load_split
-from pipeline.errors import GateRejected, PromotionError
+from pipeline.errors import ArtifactError, GateRejected, PromotionError
 from pipeline.export import export_onnx, read_metadata
 from pipeline.gate import run_gate_stage
 from pipeline.model_io import LoadedModel
@@ -89,7 +89,7 @@ def candidate(cfg: Config, model: Path, passed: bool = True) -> str:
 def test_promote_needs_a_gate_report(cfg: Config, models: dict[str, Path]) -> None:
     cfg.export.onnx_path.parent.mkdir(parents=True)
     shutil.copyfile(models["a"], cfg.export.onnx_path)
-    with pytest.raises(PromotionError, match="gate report"):
+    with pytest.raises(ArtifactError, match="gate report missing; run the gate stage"):
         promote(cfg)
     assert not cfg.registry.production_dir.exists()
 
