@@ -58,8 +58,9 @@ def cnn(width: int = 24) -> nn.Module:
     """Default CNN, sized for a 2-core CPU: w, 2w, 2w, 4w channels, a linear head.
 
     Only one conv runs at full 28x28 resolution (the expensive one on a CPU); the
-    capacity sits at 14x14 and 7x7. ``width=24``: about 82k parameters, about 3.3 MMAC
-    per image forward; measured choices are in docs/bench/train.md.
+    capacity sits at 14x14 and 7x7. ``width=24``: 81,874 parameters, 8.3 M multiply-adds
+    per image forward (``width=12``: 22,798 and 2.1 M); measured choices are in
+    docs/bench/train.md.
     """
     w = width
     return nn.Sequential(
