@@ -20,7 +20,6 @@ import numpy.typing as npt
 
 from pipeline.atomic import sha256_file
 from pipeline.errors import SourceError
-from pipeline.json_io import read_json
 
 Split = Literal["train", "test"]
 SPLITS: tuple[Split, ...] = ("train", "test")
@@ -64,7 +63,3 @@ def dataset_version(prepared_dir: Path) -> str:
     if not path.is_file():
         raise SourceError(f"{path}: manifest missing; run the ingest stage first")
     return sha256_file(path)
-
-
-def read_manifest(prepared_dir: Path) -> dict[str, object]:
-    return read_json(Path(prepared_dir) / MANIFEST, "manifest", "run the ingest stage first")

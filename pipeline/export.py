@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from pipeline.atomic import sha256_file, write_bytes
+from pipeline.atomic import sha256_file, write_bytes, write_json
 from pipeline.config import Config
 from pipeline.contract import (
     IMAGE_SIDE,
@@ -36,7 +36,7 @@ from pipeline.contract import (
 from pipeline.errors import ModelFileError, ParityError
 from pipeline.json_io import read_json
 from pipeline.model_io import LoadedModel, load_model_file, wrap
-from pipeline.parity import check_parity, write_parity_report
+from pipeline.parity import check_parity
 
 log = logging.getLogger("pipeline.export")
 
@@ -66,19 +66,11 @@ METADATA_KEYS = (
 _MAX_BATCH = 1 << 20
 
 
-def library_versions() -> dict[str, str]:
+def contract_metadata(model: LoadedModel, opset: int) -> dict[str, str]:
+    """Metadata every exported file carries, whoever calls :func:`export_onnx`."""
     import onnx
     import onnxruntime
 
-    return {
-        "torch_version": torch.__version__,
-        "onnx_version": onnx.__version__,
-        "onnxruntime_version": onnxruntime.__version__,
-    }
-
-
-def contract_metadata(model: LoadedModel, opset: int) -> dict[str, str]:
-    """Metadata every exported file carries, whoever calls :func:`export_onnx`."""
     return {
         "model_name": model.name,
         "model_width": str(model.width),
@@ -88,22 +80,20 @@ def contract_metadata(model: LoadedModel, opset: int) -> dict[str, str]:
         "input_contract": INPUT_CONTRACT,
         "output_contract": OUTPUT_CONTRACT,
         "class_labels": ",".join(str(i) for i in range(NUM_CLASSES)),
-        **library_versions(),
+        "torch_version": torch.__version__,
+        "onnx_version": onnx.__version__,
+        "onnxruntime_version": onnxruntime.__version__,
     }
 
 
 @contextlib.contextmanager
 def _quiet_exporter_logs() -> Iterator[None]:
     """The exporter's optimiser passes log every rewrite at INFO; keep stage output readable."""
-    loggers = [logging.getLogger(n) for n in ("onnxscript", "onnx_ir", "torch.onnx")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(max(lg.getEffectiveLevel(), logging.WARNING))
+    logging.disable(logging.INFO)
     try:
         yield
     finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)
+        logging.disable(logging.NOTSET)
 
 
 def export_onnx(
@@ -292,14 +282,14 @@ def run_export_stage(cfg: Config, cwd: Path | None = None) -> dict[str, Any]:
         )
         payload = {**report.to_dict(), "export_seconds": round(export_s, 3)}
         payload.update(model_version=meta["model_version"], opset=cfg.export.opset)
-        write_parity_report(cfg.export.parity_path, payload)
+        write_json(cfg.export.parity_path, payload)
         if not report.passed:
             dest.unlink(missing_ok=True)
             raise ParityError(report.failure_message())
         staged.replace(dest)  # same directory: an atomic rename
     if cfg.export.quantize:
         payload["int8"] = _quantize_stage(cfg, dest)
-        write_parity_report(cfg.export.parity_path, payload)
+        write_json(cfg.export.parity_path, payload)
     log.info(
         "export: %s (%s), onnx accuracy %.4f, max |dlogit| %.2e",
         dest,

@@ -1,8 +1,5 @@
-"""Reading the JSON files stages hand to each other (metrics, reports, manifests).
-
-One reader, one error: a file that is missing, not UTF-8 JSON, or not a JSON object
-raises :class:`ArtifactError` naming the path, what the file is and how to make it.
-"""
+"""The one reader of the JSON files stages hand each other (metrics, reports, profiles):
+one error, :class:`ArtifactError`, naming the path, what the file is and how to make it."""
 
 from __future__ import annotations
 

@@ -127,11 +127,10 @@ def download(
     Raises :class:`DownloadError` naming the file, the attempts and the last failure.
     """
     dest = staging / spec.name
-    attempts, last = 0, "no mirrors configured"
+    last = "no mirrors configured"
     for mirror in mirrors:
         url = mirror.rstrip("/") + "/" + spec.name
         for attempt in range(1, retries + 1):
-            attempts += 1
             try:
                 _fetch(url, dest, spec, timeout_s)
                 verify_file(dest, spec, origin=url)
@@ -143,7 +142,7 @@ def download(
                 if attempt < retries:
                     time.sleep(backoff_s * 2 ** (attempt - 1))
     raise DownloadError(
-        f"{spec.name}: {attempts} download attempts failed "
+        f"{spec.name}: {len(mirrors) * retries} download attempts failed "
         f"({len(mirrors)} mirrors x {retries}); last: {last}"
     )
 

@@ -20,7 +20,7 @@ from pipeline.export import export_onnx
 from pipeline.gate import accuracy_checks, decide, parity_check, run_gate_stage
 from pipeline.model_io import LoadedModel
 from pipeline.models import build_model
-from pipeline.parity import check_parity, write_parity_report
+from pipeline.parity import check_parity
 
 ROOT = Path(__file__).resolve().parents[1]
 GATE = GateConfig(min_accuracy=0.99, max_regression=0.002)
@@ -136,7 +136,7 @@ def install_candidate(cfg: Config, model: LoadedModel, prepared: Path) -> Path:
     path = export_onnx(model, cfg.export.onnx_path)
     test = load_split(prepared, "test")
     report = check_parity(model, path, test.images, test.labels, batch_sizes=(1, 64))
-    write_parity_report(cfg.export.parity_path, report.to_dict())
+    write_json(cfg.export.parity_path, report.to_dict())
     return path
 
 
