@@ -152,7 +152,7 @@ def test_stage_rejects_below_floor_and_writes_report(
     assert len(info.value.reasons) == 1 and "floor" in info.value.reasons[0]
 
     report = json.loads(cfg.gate.report_path.read_text())
-    assert report["passed"] is False
+    assert report["passed"] is False and report["decision"] == "rejected"
     assert report["candidate_sha256"] == sha256_file(cand)
     assert report["candidate_accuracy"] == pytest.approx(share[order[0]])
     assert report["production_sha256"] is None
@@ -226,6 +226,8 @@ def test_cli_exit_code_is_the_ci_signal(
     rejected = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, check=False)
     assert rejected.returncode != 0
     assert "GateRejected" in rejected.stderr and "floor" in rejected.stderr
+    errors = [line for line in rejected.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in rejected.stderr  # one clear line
     assert json.loads(cfg.gate.report_path.read_text())["passed"] is False
 
     accepted = subprocess.run(
@@ -236,4 +238,4 @@ def test_cli_exit_code_is_the_ci_signal(
         check=False,
     )
     assert accepted.returncode == 0, accepted.stderr
-    assert json.loads(cfg.gate.report_path.read_text())["passed"] is True
+    assert json.loads(cfg.gate.report_path.read_text())["decision"] == "accepted"
