@@ -4,7 +4,7 @@
     python benchmarks/bench_train.py --profile quick --seeds 0 1 2 --out docs/bench/train_quick.json
 
 Each seed runs in a fresh subprocess (so peak RSS and timings are per run) that trains
-with ``pipeline.train.train`` exactly as the train stage does (val split carved from
+with ``pipeline.train.fit`` exactly as the train stage does (val split carved from
 the training set, checkpoints written to a temp dir), then measures accuracy on the TEST
 split, which training never sees. Reads ``data/prepared`` and ``metrics/data_stats.json``
 (run ingest + validate first). Records ``/proc/loadavg`` before and after every run
@@ -40,7 +40,7 @@ def worker(profile: str, seed: int, overrides: dict[str, Any]) -> dict[str, Any]
     from pipeline.dataset import load_split
     from pipeline.profiles import compose_text, overrides_for
     from pipeline.stats import read_normalization
-    from pipeline.train import evaluate_split, train
+    from pipeline.train import evaluate, fit
 
     # The profile composed from conf/ exactly as `dvc exp run -S profile=...` would.
     text = compose_text(ROOT, overrides_for(profile, {**overrides, "train.seed": seed}))
@@ -51,10 +51,10 @@ def worker(profile: str, seed: int, overrides: dict[str, Any]) -> dict[str, Any]
     with tempfile.TemporaryDirectory() as tmp:
         tc = replace(cfg.train, checkpoint_dir=Path(tmp))
         t0 = time.perf_counter()
-        result = train(arrays, mean, std, tc, checkpoint_dir=Path(tmp), progress=False)
+        result = fit(arrays, mean, std, tc, checkpoint_dir=Path(tmp), progress=False)
         wall = time.perf_counter() - t0
     test = load_split(ROOT / cfg.data.prepared_dir, "test", mmap=False)
-    test_loss, test_acc = evaluate_split(
+    test_loss, test_acc = evaluate(
         result.model,
         torch.from_numpy(test.images),
         torch.from_numpy(test.labels).long(),
@@ -70,14 +70,14 @@ def worker(profile: str, seed: int, overrides: dict[str, Any]) -> dict[str, Any]
         "val_accuracy": m["val_accuracy"],
         "train_seconds": m["train_seconds"],
         "wall_seconds_incl_setup": round(wall, 3),
-        "images_per_s": m["images_per_s"],
+        "images_per_s": m["images_per_second"],
         "peak_rss_mib": m["peak_rss_mib"],
         "epochs": m["epochs"],
         "parameters": m["parameters"],
-        "num_threads": m["runtime_num_threads"],
+        "num_threads": result.info["runtime"]["num_threads"],
         "loadavg_before": load_before,
         "loadavg_after": load_average(),
-        "per_epoch_images_per_s": [round(r.images_per_s, 1) for r in result.history],
+        "per_epoch_images_per_s": [round(r.images_per_second, 1) for r in result.history],
     }
 
 

@@ -5,7 +5,7 @@
 Notebook: ``torchvision.datasets.MNIST`` (the ../shared/mnist .gz files extracted into
 a temp ``root/MNIST/raw/`` so it loads with ``download=False``) + ``DataLoader`` with
 ``ToTensor()`` + ``Normalize`` per sample, shuffle, ``num_workers=0``.
-Ours: ``pipeline.train.train`` (one uint8 tensor, index slicing, per-batch ops), run
+Ours: ``pipeline.train.fit`` (one uint8 tensor, index slicing, per-batch ops), run
 with augmentation off (same work as the notebook) and on (the default).
 Both train seed_cnn with Nesterov SGD, batch 128, the same thread count, on the same
 number of training images; the figure is training images per second (one run each).
@@ -74,7 +74,7 @@ def ours_images_per_s(
 ) -> float:
     from pipeline.config import load_config
     from pipeline.dataset import load_split
-    from pipeline.train import train
+    from pipeline.train import fit
 
     cfg = load_config(ROOT / "params.yaml").train
     tc = replace(
@@ -92,8 +92,8 @@ def ours_images_per_s(
         augment=replace(cfg.augment, enabled=augment),
     )
     arrays = load_split(ROOT / "data" / "prepared", "train")
-    result = train(arrays, mean, std, tc, progress=False)
-    return float(result.history[0].images_per_s)
+    result = fit(arrays, mean, std, tc, progress=False)
+    return float(result.history[0].images_per_second)
 
 
 def main() -> int:

@@ -52,7 +52,7 @@ class DataConfig:
     mirrors: tuple[str, ...] = DEFAULT_MIRRORS
     raw_dir: PathField = Path("data/raw")
     prepared_dir: PathField = Path("data/prepared")
-    download_retries: PosInt = 3
+    download_retries: PosInt = 3  # attempts per mirror; the only retry layer
     download_timeout_s: PosFloat = 60.0
 
 
@@ -112,8 +112,8 @@ class TrainConfig:
     num_threads: NonNegInt = 0
     checkpoint_dir: PathField = Path("models/checkpoints")
     model_path: PathField = Path("models/candidate/model.pt")
-    metrics_path: PathField = Path("metrics/train.json")
-    history_path: PathField = Path("metrics/train_history.csv")
+    live_dir: PathField = Path("metrics/train")  # dvclive: metrics.json, plots/metrics/*.tsv
+    run_info_path: PathField = Path("reports/train/run.json")
 
 
 @dataclass(frozen=True, config=_STRICT)
@@ -132,7 +132,7 @@ class ExportConfig:
     opset: Annotated[int, Field(ge=18)] = 18
     onnx_path: PathField = Path("models/candidate/model.onnx")
     parity_path: PathField = Path("metrics/parity.json")
-    parity_batch_sizes: tuple[PosInt, ...] = (1, 7, 256)
+    parity_batch_sizes: Annotated[tuple[PosInt, ...], Field(min_length=1)] = (1, 7, 256)
     parity_atol: PosFloat = 1e-4
     quantize: bool = False
     int8_path: PathField = Path("models/candidate/model.int8.onnx")
@@ -194,8 +194,6 @@ class FlowConfig:
     """Prefect orchestration knobs (the flow wires DVC stages; see flows/)."""
 
     push_to_remote: bool = True
-    ingest_retries: NonNegInt = 3
-    ingest_retry_delay_s: NonNegFloat = 10.0
 
 
 @dataclass(frozen=True, config=_STRICT)

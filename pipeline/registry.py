@@ -20,7 +20,6 @@ the same way, so a second rollback undoes the first.
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from datetime import UTC, datetime
@@ -29,36 +28,25 @@ from typing import Any
 
 from pipeline.atomic import sha256_file, write_json, write_text
 from pipeline.config import Config
+from pipeline.contract import MODEL_CARD_JSON as CARD_JSON
+from pipeline.contract import MODEL_CARD_MD as CARD_MD
+from pipeline.contract import MODEL_FILE
 from pipeline.dirswap import Swap, recover, swapping
 from pipeline.errors import PromotionError
+from pipeline.json_io import read_json
 
 log = logging.getLogger("pipeline.registry")
 
-MODEL_FILE = "model.onnx"
-CARD_JSON = "model_card.json"
-CARD_MD = "model_card.md"
 PLACEHOLDER = "NO_PREVIOUS_MODEL.txt"
 
 
-def _read_json(path: Path, what: str) -> dict[str, Any]:
-    if not path.is_file():
-        raise PromotionError(f"{path}: {what} missing")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise PromotionError(f"{path}: {what} is not valid JSON: {err}") from err
-    if not isinstance(data, dict):
-        raise PromotionError(f"{path}: {what} must be a JSON object")
-    return data
-
-
 def _optional_json(path: Path) -> dict[str, Any]:
-    return _read_json(path, "report") if Path(path).is_file() else {}
+    return read_json(path, "report") if Path(path).is_file() else {}
 
 
 def check_gate(report_path: Path, candidate: Path) -> dict[str, Any]:
     """The gate report, if it passed *this* candidate; else :class:`PromotionError`."""
-    report = _read_json(Path(report_path), "gate report (run the gate stage first)")
+    report = read_json(report_path, "gate report", "run the gate stage first")
     if report.get("passed") is not True:
         reasons = "; ".join(report.get("reasons", [])) or "no reasons recorded"
         raise PromotionError(f"{report_path}: the gate did not pass ({reasons})")
@@ -198,8 +186,7 @@ def promote(cfg: Config) -> dict[str, Any]:
             if not prev.exists():  # e.g. deleted by hand: DVC needs the declared output
                 _placeholder(swap, prev)
                 swap.commit()
-            card_path = prod / CARD_JSON
-            return _read_json(card_path, "model card") if card_path.is_file() else {}
+            return _optional_json(prod / CARD_JSON)
         staging = swap.stage(prod)
         staged = staging / MODEL_FILE
         shutil.copyfile(candidate, staged)

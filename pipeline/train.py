@@ -1,38 +1,43 @@
 """The train stage: a fast, reproducible, resumable training loop.
 
-Data path: the training images stay ONE ``uint8`` tensor on the device; every epoch
-draws a permutation from an explicit ``torch.Generator`` and batches are index slices
-of it. Conversion to float, augmentation and normalisation happen per batch on the
-device (:mod:`pipeline.augment`). There is no DataLoader and no per-sample Python.
+The training images stay ONE ``uint8`` tensor on the device; every epoch draws a
+permutation from an explicit ``torch.Generator`` and batches are index slices of it,
+converted, augmented and normalised per batch on the device (:mod:`pipeline.augment`).
+A validation split (``train.val_size``, seeded) is carved out of the training set; the
+test set is never loaded here.
 
-A validation split (``train.val_size`` images, chosen from the seed) is carved out
-of the training set for monitoring and reporting; the test set is never loaded here.
-
-``train`` is the typed, file-free core (tests call it directly); ``run_train_stage``
-wires it to params, the prepared arrays and the output files.
+As in torchvision's classification reference: :func:`train_one_epoch`, :func:`evaluate`
+and the loop :func:`fit` (file-free; a per-epoch callback may stop it).
+:func:`run_train_stage` writes nothing but the per-epoch checkpoint until training is
+over; then the model, the dvclive directory and the run info are staged beside their
+destinations and renamed into place together, so a kill at any earlier moment leaves
+the previous outputs as they were.
 """
 
 from __future__ import annotations
 
-import copy
-import csv
-import io
+import contextlib
 import math
-import random
+import os
+import platform
 import resource
+import signal
 import sys
+import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
-from pipeline.atomic import write_json, write_text
+from pipeline.atomic import replace_dir, sha256_file, write_json
 from pipeline.augment import prepare_batch
 from pipeline.checkpoint import (
     clear_checkpoints,
@@ -48,27 +53,13 @@ from pipeline.model_io import save_model_file
 from pipeline.models import build_model, count_parameters
 from pipeline.stats import read_normalization
 
-HISTORY_COLUMNS = (
-    "epoch",
-    "train_loss",
-    "train_accuracy",
-    "val_loss",
-    "val_accuracy",
-    "lr",
-    "images_per_s",
-    "seconds",
-)
 # Steps between host syncs (progress bar refresh and the NaN/Inf check).
 _SYNC_EVERY = 25
-
-# Called with (epoch, step, loss) inside the loop; returns the loss to backpropagate.
-# Tests use it to inject a NaN; production passes None.
-LossHook = Callable[[int, int, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
 class EpochRecord:
-    """One row of the history CSV. ``epoch`` counts from 1."""
+    """One epoch of history (dvclive logs each field at ``step = epoch``, from 1)."""
 
     epoch: int
     train_loss: float
@@ -76,19 +67,68 @@ class EpochRecord:
     val_loss: float
     val_accuracy: float
     lr: float
-    images_per_s: float
+    images_per_second: float
     seconds: float
+
+
+EpochCallback = Callable[[EpochRecord], bool | None]
 
 
 @dataclass
 class TrainResult:
-    """The trained model (on the CPU, eval mode) and what happened."""
+    """The trained model (on the CPU, eval mode) and what happened.
+
+    ``metrics``: the numbers people compare (DVC metrics); ``info``: everything else.
+    """
 
     model: nn.Module
     history: list[EpochRecord]
-    metrics: dict[str, Any]
-    completed: bool  # False when stopped early by ``stop_after_epochs``
-    extra: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, float | int]
+    info: dict[str, Any]
+    completed: bool  # False when the callback stopped training early
+
+
+@dataclass
+class Trainer:
+    """The mutable state of one run: what a checkpoint holds, plus the runtime choices."""
+
+    cfg: TrainConfig
+    model: nn.Module
+    forward: Callable[[torch.Tensor], torch.Tensor]  # ``model`` or its torch.compile
+    ema: AveragedModel | None
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    data_gen: torch.Generator  # permutations and augmentation
+    amp_dtype: torch.dtype | None
+
+    @property
+    def eval_model(self) -> nn.Module:
+        return self.ema.module if self.ema is not None else self.model
+
+    def state_dict(self) -> dict[str, Any]:
+        # Python's random and NumPy's global RNG are not used by training: not stored.
+        rng = {"torch": torch.get_rng_state(), "data": self.data_gen.get_state()}
+        if next(self.model.parameters()).is_cuda:
+            rng["cuda"] = torch.cuda.get_rng_state()
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "rng": rng,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        self.data_gen.set_state(rng["data"])
+        if "cuda" in rng and next(self.model.parameters()).is_cuda:
+            torch.cuda.set_rng_state(rng["cuda"])
 
 
 def split_train_val(
@@ -101,8 +141,7 @@ def split_train_val(
     n = len(arrays)
     if val_size >= n:
         raise ConfigError(f"train.val_size: {val_size} leaves no training images (have {n})")
-    gen = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(n, generator=gen).numpy()
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).numpy()
     val_idx, train_idx = perm[:val_size], perm[val_size:]
     images, labels = arrays.images, arrays.labels
     return (
@@ -113,11 +152,9 @@ def split_train_val(
 
 def _make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     # No weight decay on BatchNorm parameters and biases (1-D tensors).
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
     groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {"params": [p for p in model.parameters() if p.ndim > 1], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in model.parameters() if p.ndim <= 1], "weight_decay": 0.0},
     ]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(
@@ -145,18 +182,99 @@ def _make_scheduler(
     return torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=0)
 
 
-@torch.no_grad()
-def _ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    """ema = decay * ema + (1 - decay) * model for parameters; buffers are copied."""
-    ema_p: list[torch.Tensor] = list(ema.parameters())
-    cur_p: list[torch.Tensor] = [p.detach() for p in model.parameters()]
-    torch._foreach_lerp_(ema_p, cur_p, 1.0 - decay)
-    for b_ema, b in zip(ema.buffers(), model.buffers(), strict=True):
-        b_ema.copy_(b)
+def build_trainer(
+    cfg: TrainConfig, device: torch.device, amp_dtype: torch.dtype | None, total_steps: int
+) -> Trainer:
+    """Seed everything, build model, EMA, optimiser and schedule on ``device``."""
+    torch.manual_seed(cfg.seed)
+    data_gen = torch.Generator().manual_seed(cfg.seed + 1)
+    model = build_model(cfg.model, cfg.width).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    # use_buffers: BatchNorm running statistics are averaged too, so the EMA model is
+    # self-consistent (torchvision's ExponentialMovingAverage does the same).
+    ema = (
+        AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+        if cfg.ema_decay > 0
+        else None
+    )
+    opt = _make_optimizer(model, cfg)
+    return Trainer(
+        cfg=cfg,
+        model=model,
+        forward=torch.compile(model) if cfg.compile else model,
+        ema=ema.eval() if ema is not None else None,
+        optimizer=opt,
+        scheduler=_make_scheduler(opt, cfg, total_steps),
+        data_gen=data_gen,
+        amp_dtype=amp_dtype,
+    )
+
+
+def train_one_epoch(
+    t: Trainer,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    mean: float,
+    std: float,
+    epoch: int,
+    progress: bool = True,
+) -> tuple[float, float, float]:
+    """One pass over a device-resident split, in whole batches (the ragged tail is dropped).
+
+    ``images``: ``(N, 28, 28) uint8``; ``labels``: ``(N,) int64``. Returns the mean
+    training loss, accuracy and images per second. Raises :class:`NonFiniteLossError`.
+    """
+    cfg, device = t.cfg, images.device
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    steps = int(labels.shape[0]) // cfg.batch_size
+    t.model.train()
+    t0 = time.perf_counter()
+    perm = torch.randperm(int(labels.shape[0]), generator=t.data_gen).to(device)
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    correct = torch.zeros((), device=device, dtype=torch.int64)
+    first_bad = torch.full((), -1, device=device, dtype=torch.int64)
+    desc = f"epoch {epoch}/{cfg.epochs}"
+    bar = tqdm(total=steps, desc=desc, unit="batch", file=sys.stderr, disable=not progress)
+    for step in range(steps):
+        idx = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+        x = prepare_batch(images[idx], mean, std, cfg.augment, t.data_gen)
+        y = labels[idx]
+        with torch.autocast(device.type, dtype=t.amp_dtype, enabled=t.amp_dtype is not None):
+            logits = t.forward(x.contiguous(memory_format=memory_format))
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+        # Record the first non-finite step without a host sync; checked every few steps.
+        bad_now = ~torch.isfinite(loss.detach())
+        first_bad = torch.where(bad_now & (first_bad < 0), step, first_bad)
+        t.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        t.optimizer.step()
+        t.scheduler.step()
+        if t.ema is not None:
+            t.ema.update_parameters(t.model)
+        loss_sum += loss.detach().double() * y.shape[0]
+        correct += (logits.detach().argmax(1) == y).sum()
+        if (step + 1) % _SYNC_EVERY == 0 or step + 1 == steps:
+            if int(first_bad) >= 0:
+                raise NonFiniteLossError(
+                    f"non-finite training loss at epoch {epoch}, step {int(first_bad)}; "
+                    "the last good checkpoint is kept (lower train.lr or check the data)"
+                )
+            seen = (step + 1) * cfg.batch_size
+            bar.set_postfix(
+                loss=f"{float(loss_sum) / seen:.4f}",
+                acc=f"{int(correct) / seen:.4f}",
+                img_s=f"{seen / max(time.perf_counter() - t0, 1e-9):.0f}",
+                refresh=False,
+            )
+            bar.update((step + 1) - bar.n)
+    bar.close()
+    seen = steps * cfg.batch_size
+    return float(loss_sum) / seen, int(correct) / seen, seen / (time.perf_counter() - t0)
 
 
 @torch.no_grad()
-def evaluate_split(
+def evaluate(
     model: nn.Module,
     images: torch.Tensor,
     labels: torch.Tensor,
@@ -184,46 +302,14 @@ def evaluate_split(
             x = x.contiguous(memory_format=torch.channels_last)
         y = labels[start : start + batch_size]
         with torch.autocast(images.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits = model(x)
-        logits = logits.float()
+            logits = model(x).float()
         loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
         correct += (logits.argmax(1) == y).sum()
     model.train(was_training)
     return float(loss_sum) / n, int(correct) / n
 
 
-def _rng_state(data_gen: torch.Generator, device: torch.device) -> dict[str, Any]:
-    state: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "data": data_gen.get_state(),
-        "python": random.getstate(),
-    }
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(state: dict[str, Any], data_gen: torch.Generator, device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    data_gen.set_state(state["data"])
-    random.setstate(_as_python_state(state["python"]))
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def _as_python_state(obj: Any) -> Any:
-    # random.setstate wants tuples; a round trip through torch.save keeps them, but be strict.
-    if isinstance(obj, list):
-        return tuple(_as_python_state(v) for v in obj)
-    return obj
-
-
-def _peak_rss_mib() -> float:
-    # Linux reports ru_maxrss in KiB.
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def train(
+def fit(
     arrays: SplitArrays,
     mean: float,
     std: float,
@@ -231,10 +317,8 @@ def train(
     *,
     checkpoint_dir: Path | None = None,
     resume: bool = False,
-    stop_after_epochs: int | None = None,
-    loss_hook: LossHook | None = None,
+    on_epoch: EpochCallback | None = None,
     progress: bool = True,
-    is_cuda_available: Callable[[], bool] = torch.cuda.is_available,
 ) -> TrainResult:
     """Train ``cfg.model`` on ``arrays`` (the TRAIN split; a val split is carved out of it).
 
@@ -242,236 +326,172 @@ def train(
     ``mean``/``std``: training-pixel statistics on the [0, 1] scale.
     ``checkpoint_dir``: where ``last.pt`` is written after every epoch (None: nowhere).
     ``resume``: continue from that checkpoint (:class:`CheckpointError` if missing or
-    from another config). ``stop_after_epochs``: return after this many epochs in
-    total (simulates an interruption; the checkpoint is kept). ``loss_hook``: test hook.
+    from another config). ``on_epoch``: called with each epoch's record after its
+    checkpoint; returning True stops training (``completed`` is then False and the
+    checkpoint can be resumed), e.g. an Optuna pruner.
 
     Raises :class:`NonFiniteLossError` on a NaN/Inf loss (the checkpoint on disk is the
     last good epoch, untouched) and :class:`ConfigError` for impossible settings.
     """
     t_setup = time.perf_counter()
-    device = select_device(cfg.device, is_cuda_available)
+    device = select_device(cfg.device, torch.cuda.is_available)  # looked up now: tests fake it
     runtime = configure_runtime(device, cfg.num_threads, cfg.amp, cfg.channels_last, cfg.compile)
-    amp_dtype = torch.bfloat16 if runtime.amp_dtype == "bfloat16" else None
-
-    if cfg.max_train_samples is not None and cfg.max_train_samples < len(arrays):
-        arrays = SplitArrays(
-            images=arrays.images[: cfg.max_train_samples],
-            labels=arrays.labels[: cfg.max_train_samples],
-        )
+    n_max = cfg.max_train_samples  # None: all
+    arrays = SplitArrays(images=arrays.images[:n_max], labels=arrays.labels[:n_max])
     train_np, val_np = split_train_val(arrays, cfg.val_size, cfg.seed)
-    n_train = len(train_np)
-    if n_train < cfg.batch_size:
+    if len(train_np) < cfg.batch_size:
         raise ConfigError(
-            f"train.batch_size: {cfg.batch_size} exceeds the {n_train} training images"
+            f"train.batch_size: {cfg.batch_size} exceeds the {len(train_np)} training images"
         )
-    steps_per_epoch = n_train // cfg.batch_size  # the ragged tail is dropped (BatchNorm)
-    total_steps = steps_per_epoch * cfg.epochs
-
     # ONE uint8 tensor per split on the device (55000 x 784 B = 43 MB for MNIST).
     x_train = torch.from_numpy(train_np.images).to(device)
     y_train = torch.from_numpy(train_np.labels).to(device=device, dtype=torch.int64)
     x_val = torch.from_numpy(val_np.images).to(device)
     y_val = torch.from_numpy(val_np.labels).to(device=device, dtype=torch.int64)
 
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    data_gen = torch.Generator().manual_seed(cfg.seed + 1)  # permutations + augmentation
-    model = build_model(cfg.model, cfg.width).to(device)
-    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    model = model.to(memory_format=memory_format)
-    ema = copy.deepcopy(model).eval() if cfg.ema_decay > 0 else None
-    for p in ema.parameters() if ema is not None else ():
-        p.requires_grad_(False)
-    opt = _make_optimizer(model, cfg)
-    sched = _make_scheduler(opt, cfg, total_steps)
-    step_model: Callable[[torch.Tensor], torch.Tensor] = model
-    if cfg.compile:
-        step_model = torch.compile(model)
-
+    amp_dtype = torch.bfloat16 if runtime.amp_dtype == "bfloat16" else None
+    t = build_trainer(cfg, device, amp_dtype, (len(train_np) // cfg.batch_size) * cfg.epochs)
     cfg_hash = train_config_hash(
         cfg, {"n": len(arrays), "mean": round(mean, 8), "std": round(std, 8)}
     )
     history: list[EpochRecord] = []
-    start_epoch = 0
-    train_seconds = 0.0
     if checkpoint_dir is not None and resume:
         ck = load_checkpoint(checkpoint_dir, cfg_hash)
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        if ema is not None:
-            ema.load_state_dict(ck["ema"])
-        _set_rng_state(ck["rng"], data_gen, device)
-        start_epoch = int(ck["epoch"])
+        t.load_state_dict(ck)
         history = [EpochRecord(**row) for row in ck["history"]]
-        train_seconds = float(ck["train_seconds"])
     elif checkpoint_dir is not None:
         clear_checkpoints(checkpoint_dir)
     elif resume:
         raise ConfigError("resume requested but no checkpoint directory given")
-
-    last_epoch = cfg.epochs if stop_after_epochs is None else min(cfg.epochs, stop_after_epochs)
-    eval_model = ema if ema is not None else model
     setup_seconds = time.perf_counter() - t_setup
 
-    for epoch in range(start_epoch + 1, last_epoch + 1):
-        model.train()
+    for epoch in range(len(history) + 1, cfg.epochs + 1):
         t0 = time.perf_counter()
-        perm = torch.randperm(n_train, generator=data_gen).to(device)
-        loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-        correct = torch.zeros((), device=device, dtype=torch.int64)
-        first_bad = torch.full((), -1, device=device, dtype=torch.int64)
-        bar = tqdm(
-            total=steps_per_epoch,
-            desc=f"epoch {epoch}/{cfg.epochs}",
-            unit="batch",
-            file=sys.stderr,
-            disable=not progress,
-            leave=True,
-            dynamic_ncols=True,
+        loss, acc, ips = train_one_epoch(t, x_train, y_train, mean, std, epoch, progress)
+        val_loss, val_acc = evaluate(
+            t.eval_model, x_val, y_val, mean, std, cfg.eval_batch_size, cfg.channels_last, amp_dtype
         )
-        seen = 0
-        for step in range(steps_per_epoch):
-            idx = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]
-            x = prepare_batch(x_train[idx], mean, std, cfg.augment, data_gen)
-            x = x.contiguous(memory_format=memory_format)
-            y = y_train[idx]
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                logits = step_model(x)
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
-            if loss_hook is not None:
-                loss = loss_hook(epoch, step, loss)
-            # Record the first non-finite step without a host sync; checked every few steps.
-            bad_now = ~torch.isfinite(loss.detach())
-            first_bad = torch.where(bad_now & (first_bad < 0), step, first_bad)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            if ema is not None:
-                _ema_update(ema, model, cfg.ema_decay)
-            loss_sum += loss.detach().double() * y.shape[0]
-            correct += (logits.detach().argmax(1) == y).sum()
-            seen += int(y.shape[0])
-            if (step + 1) % _SYNC_EVERY == 0 or step + 1 == steps_per_epoch:
-                _raise_if_bad(int(first_bad), epoch)
-                elapsed = time.perf_counter() - t0
-                bar.set_postfix(
-                    loss=f"{float(loss_sum) / seen:.4f}",
-                    acc=f"{int(correct) / seen:.4f}",
-                    img_s=f"{seen / max(elapsed, 1e-9):.0f}",
-                    refresh=False,
-                )
-                bar.update((step + 1) - bar.n)
-        bar.close()
-        epoch_train_s = time.perf_counter() - t0
-        val_loss, val_acc = evaluate_split(
-            eval_model, x_val, y_val, mean, std, cfg.eval_batch_size, cfg.channels_last, amp_dtype
-        )
-        seconds = time.perf_counter() - t0
-        train_seconds += seconds
-        record = EpochRecord(
-            epoch=epoch,
-            train_loss=float(loss_sum) / seen,
-            train_accuracy=int(correct) / seen,
-            val_loss=val_loss,
-            val_accuracy=val_acc,
-            lr=float(opt.param_groups[0]["lr"]),
-            images_per_s=seen / epoch_train_s,
-            seconds=seconds,
-        )
+        lr = float(t.optimizer.param_groups[0]["lr"])
+        record = EpochRecord(epoch, loss, acc, val_loss, val_acc, lr, ips, time.perf_counter() - t0)
         history.append(record)
         if progress:
             print(
-                f"epoch {epoch}: train_loss {record.train_loss:.4f} "
-                f"val_loss {val_loss:.4f} val_acc {val_acc:.4f} "
-                f"{record.images_per_s:.0f} img/s {seconds:.1f} s",
+                f"epoch {epoch}: train_loss {loss:.4f} val_loss {val_loss:.4f} "
+                f"val_acc {val_acc:.4f} {ips:.0f} img/s {record.seconds:.1f} s",
                 file=sys.stderr,
             )
         if checkpoint_dir is not None:
-            save_checkpoint(
-                checkpoint_dir,
-                cfg_hash,
-                {
-                    "epoch": epoch,
-                    "model": model.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(),
-                    "ema": ema.state_dict() if ema is not None else None,
-                    "rng": _rng_state(data_gen, device),
-                    "history": [asdict(r) for r in history],
-                    "train_seconds": train_seconds,
-                },
-            )
+            state = {**t.state_dict(), "epoch": epoch, "history": [asdict(r) for r in history]}
+            save_checkpoint(checkpoint_dir, cfg_hash, state)
+        if on_epoch is not None and on_epoch(record):
+            break
 
-    final = (ema if ema is not None else model).to("cpu").to(memory_format=torch.contiguous_format)
-    final.eval()
-    n_images = sum(1 for _ in history) * steps_per_epoch * cfg.batch_size
-    last = history[-1] if history else None
-    metrics: dict[str, Any] = {
+    final = t.eval_model.to("cpu").to(memory_format=torch.contiguous_format).eval()
+    train_seconds = sum(r.seconds for r in history)
+    n_images = len(history) * (len(train_np) // cfg.batch_size) * cfg.batch_size
+    last = history[-1]  # never empty: epochs >= 1, and a resumed run has its history
+    metrics: dict[str, float | int] = {
+        "val_accuracy": last.val_accuracy,
+        "val_loss": last.val_loss,
+        "train_loss": last.train_loss,
+        "train_seconds": round(train_seconds, 3),
+        "images_per_second": round(n_images / train_seconds, 1) if train_seconds > 0 else 0.0,
+        "parameters": count_parameters(final),
+        "epochs": len(history),
+        # Linux reports ru_maxrss in KiB.
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
+    info: dict[str, Any] = {
         "model": cfg.model,
         "width": cfg.width,
-        "parameters": count_parameters(final),
         "seed": cfg.seed,
-        "epochs": len(history),
-        "epochs_planned": cfg.epochs,
-        "train_images": n_train,
-        "val_images": len(val_np),
-        "val_accuracy": last.val_accuracy if last else math.nan,
-        "val_loss": last.val_loss if last else math.nan,
-        "train_loss": last.train_loss if last else math.nan,
-        "train_seconds": round(train_seconds, 3),
-        "setup_seconds": round(setup_seconds, 3),
-        "images_per_s": round(n_images / train_seconds, 1) if train_seconds > 0 else 0.0,
-        "peak_rss_mib": round(_peak_rss_mib(), 1),
         "ema": cfg.ema_decay > 0,
-        "device": runtime.device,
-        **{f"runtime_{k}": v for k, v in asdict(runtime).items()},
+        "epochs_planned": cfg.epochs,
+        "completed": len(history) == cfg.epochs,
+        "train_images": len(train_np),
+        "val_images": len(val_np),
+        "setup_seconds": round(setup_seconds, 3),
+        "runtime": asdict(runtime),
         "torch_version": str(torch.__version__),
+        "python_version": platform.python_version(),
     }
-    return TrainResult(
-        model=final, history=history, metrics=metrics, completed=len(history) == cfg.epochs
-    )
+    return TrainResult(final, history, metrics, info, completed=info["completed"])
 
 
-def _raise_if_bad(first_bad_step: int, epoch: int) -> None:
-    if first_bad_step >= 0:
-        raise NonFiniteLossError(
-            f"non-finite training loss at epoch {epoch}, step {first_bad_step}; "
-            "the last good checkpoint is kept (lower train.lr or check the data)"
-        )
+def log_to_dvclive(directory: Path, history: list[EpochRecord], summary: dict[str, Any]) -> None:
+    """Write ``history`` (one step per epoch) and ``summary`` as a dvclive directory.
+
+    Gives ``directory/metrics.json`` (``summary`` plus dvclive's ``step``) and
+    ``directory/plots/metrics/<field>.tsv`` for every :class:`EpochRecord` field but
+    ``epoch`` and ``seconds``. Only the files: no dvc.yaml, no experiment, no report.
+    """
+    from dvclive import Live
+
+    live = Live(dir=str(directory), dvcyaml=False, save_dvc_exp=False)
+    for record in history:
+        live.step = record.epoch
+        for name, value in asdict(record).items():
+            if name not in ("epoch", "seconds"):
+                live.log_metric(name, value)
+    live.summary = dict(summary)
+    # make_summary, not end(): end() would `git add` files under the (staging) directory
+    # during `dvc exp run` and talk to Studio.
+    live.make_summary()
 
 
-def history_csv(history: list[EpochRecord]) -> str:
-    """The per-epoch history as CSV text with :data:`HISTORY_COLUMNS`."""
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=HISTORY_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    for rec in history:
-        writer.writerow({k: _fmt(v) for k, v in asdict(rec).items()})
-    return buf.getvalue()
+@contextlib.contextmanager
+def _staged(*dests: Path) -> Iterator[list[Path]]:
+    """Paths to write instead of ``dests``; renamed onto them together on success.
 
-
-def _fmt(v: float | int) -> str:
-    return str(v) if isinstance(v, int) else f"{v:.6g}"
+    Each staged path lives in a temporary directory beside its destination (same
+    filesystem, so the renames are atomic); SIGINT and SIGTERM wait until all are done.
+    On an exception nothing is renamed and the staging directories are removed.
+    """
+    with contextlib.ExitStack() as stack:
+        staged = []
+        for dest in dests:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = stack.enter_context(
+                tempfile.TemporaryDirectory(prefix=f".{dest.name}.", dir=dest.parent)
+            )
+            staged.append(Path(tmp) / dest.name)
+        yield staged
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        try:
+            for src, dest in zip(staged, dests, strict=True):
+                if src.is_dir():
+                    replace_dir(src, dest)
+                else:
+                    os.replace(src, dest)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 def run_train_stage(cfg: Config, resume: bool) -> TrainResult:
-    """The DVC/CLI stage: read prepared data and stats, train, write model/metrics/history."""
+    """The DVC/CLI stage: read prepared data and stats, train, then write every output.
+
+    Outputs (paths from ``cfg.train``): the model file, the dvclive directory
+    (``live_dir``: numbers only) and ``run_info_path`` (JSON: hashes, paths, dates,
+    runtime, versions). None of them changes before training has finished.
+    """
     tc = cfg.train
+    started = datetime.now(UTC).isoformat(timespec="seconds")
     mean, std = read_normalization(cfg.validate.stats_path)
     arrays = load_split(cfg.data.prepared_dir, "train", mmap=True)
-    result = train(arrays, mean, std, tc, checkpoint_dir=tc.checkpoint_dir, resume=resume)
-    metrics = {
-        **result.metrics,
-        "params_hash": cfg.params_hash(),
-        "profile": cfg.profile,
-        "train_config": to_dict(tc),
-    }
-    save_model_file(
-        tc.model_path, result.model, tc.model, tc.width, mean, std, meta={"train": metrics}
+    result = fit(arrays, mean, std, tc, checkpoint_dir=tc.checkpoint_dir, resume=resume)
+    result.info.update(
+        params_hash=cfg.params_hash(),
+        profile=cfg.profile,
+        train_config=to_dict(tc),
+        started_at=started,
+        finished_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        model_path=str(tc.model_path),
     )
-    write_text(tc.history_path, history_csv(result.history))
-    write_json(tc.metrics_path, {k: v for k, v in metrics.items() if k != "train_config"})
-    result.metrics = metrics
+    with _staged(Path(tc.model_path), Path(tc.live_dir), Path(tc.run_info_path)) as paths:
+        model_tmp, live_tmp, info_tmp = paths
+        meta = {"train": {**result.metrics, **result.info}}
+        save_model_file(model_tmp, result.model, tc.model, tc.width, mean, std, meta=meta)
+        result.info["model_sha256"] = sha256_file(model_tmp)
+        log_to_dvclive(live_tmp, result.history, result.metrics)
+        write_json(info_tmp, result.info)
     return result

@@ -83,8 +83,8 @@ def outputs_under(cfg: Config, root: Path, prepared: Path) -> Config:
             cfg.train,
             model_path=root / "candidate" / "model.pt",
             checkpoint_dir=root / "checkpoints",
-            metrics_path=root / "metrics" / "train.json",
-            history_path=root / "metrics" / "train_history.csv",
+            live_dir=root / "metrics" / "train",
+            run_info_path=root / "reports" / "train" / "run.json",
         ),
         evaluate=replace(
             cfg.evaluate,
