@@ -21,6 +21,7 @@ import math
 import os
 import platform
 import resource
+import shutil
 import signal
 import sys
 import tempfile
@@ -37,7 +38,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
-from pipeline.atomic import replace_dir, sha256_file, write_json
+from pipeline.atomic import sha256_file, write_json
 from pipeline.augment import prepare_batch
 from pipeline.checkpoint import (
     clear_checkpoints,
@@ -48,6 +49,7 @@ from pipeline.checkpoint import (
 from pipeline.config import Config, TrainConfig, to_dict
 from pipeline.dataset import SplitArrays, load_split
 from pipeline.device import configure_runtime, select_device
+from pipeline.dirswap import exchange_dirs
 from pipeline.errors import ConfigError, NonFiniteLossError
 from pipeline.model_io import save_model_file
 from pipeline.models import build_model, count_parameters
@@ -460,7 +462,11 @@ def _staged(*dests: Path) -> Iterator[list[Path]]:
         try:
             for src, dest in zip(staged, dests, strict=True):
                 if src.is_dir():
-                    replace_dir(src, dest)
+                    # One atomic exchange where the kernel has it; the old tree then
+                    # sits in the staging directory, which is removed on exit.
+                    if not (dest.is_dir() and exchange_dirs(src, dest)):
+                        shutil.rmtree(dest, ignore_errors=True)
+                        os.replace(src, dest)
                 else:
                     os.replace(src, dest)
         finally:
