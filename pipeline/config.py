@@ -395,22 +395,7 @@ def load_config(
         raise ConfigError(f"{path}: parameters file not found") from err
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(f"{path}: cannot read parameters file: {err}") from err
-    raw = parse_params(text, str(path))
-    cfg = config_from_dict(raw, overrides)
-    missing = sorted(set(_leaves(to_dict(cfg))) - set(_leaves(raw)) - set(overrides or {}))
-    if missing:
-        # DVC fails a stage whose declared parameter is absent; a silent default would
-        # make the stage and DVC disagree about what ran.
-        raise ConfigError(f"{path}: missing parameters: {', '.join(missing)}")
-    return cfg
-
-
-def _leaves(tree: Mapping[str, Any], prefix: str = "") -> Iterator[str]:
-    for key, value in tree.items():
-        if isinstance(value, Mapping) and value:
-            yield from _leaves(value, f"{prefix}{key}.")
-        else:
-            yield f"{prefix}{key}"
+    return config_from_dict(parse_params(text, str(path)), overrides)
 
 
 def to_dict_value(v: Any) -> Any:
