@@ -2,7 +2,7 @@
 
 A reader (or a crash) never sees a half-written artifact: every file is written to a
 temporary sibling, flushed, fsynced and renamed over the destination. Directories are
-built in a temporary sibling and swapped in by :mod:`pipeline.dirswap`.
+swapped in by :mod:`pipeline.dirswap`.
 """
 
 from __future__ import annotations
@@ -76,18 +76,3 @@ def write_text(dest: Path, text: str) -> Path:
 def write_json(dest: Path, obj: Any) -> Path:
     """Write ``obj`` as indented, key-sorted JSON (stable diffs, DVC metrics friendly)."""
     return write_text(dest, json.dumps(obj, indent=2, sort_keys=True) + "\n")
-
-
-@contextlib.contextmanager
-def atomic_dir(dest: Path) -> Iterator[Path]:
-    """Yield an empty temporary directory beside ``dest``; swap it in on success.
-
-    The swap is one ``renameat2(RENAME_EXCHANGE)`` under a journal
-    (:mod:`pipeline.dirswap`): at every moment ``dest`` is the complete old or the
-    complete new directory, and a kill leaves nothing the next swap does not clean up.
-    On an exception the temporary directory is removed and ``dest`` is untouched.
-    """
-    from pipeline.dirswap import replacing  # dirswap writes its journal with this module
-
-    with replacing([Path(dest)]) as (tmp,):
-        yield tmp

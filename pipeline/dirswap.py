@@ -1,7 +1,7 @@
 """Crash-consistent directory swaps: staging beside the destination, a journal, exchanges.
 
 Used by ingest (``data/raw`` + ``data/prepared``), promote and rollback
-(``models/production`` + ``models/previous``) and :func:`pipeline.atomic.atomic_dir`.
+(``models/production`` + ``models/previous``) and :func:`atomic_dir`.
 
 A swap, under an exclusive ``flock`` on the destination's parent directory:
 
@@ -450,3 +450,16 @@ def replacing(dests: Sequence[Path]) -> Iterator[list[Path]]:
         for path, dest in zip(staged, dests, strict=True):
             swap.install(path, dest)
         swap.commit()
+
+
+@contextlib.contextmanager
+def atomic_dir(dest: Path) -> Iterator[Path]:
+    """Yield an empty temporary directory beside ``dest``; swap it in on success.
+
+    One journalled ``renameat2(RENAME_EXCHANGE)``: at every moment ``dest`` is the
+    complete old or the complete new directory, and a kill leaves nothing the next swap
+    does not clean up. On an exception the temporary directory is removed and ``dest``
+    is untouched.
+    """
+    with replacing([Path(dest)]) as (tmp,):
+        yield tmp

@@ -25,8 +25,9 @@ from typing import Any
 
 import pandas as pd
 
-from pipeline.atomic import atomic_dir, write_json
+from pipeline.atomic import write_json
 from pipeline.config import ValidateConfig
+from pipeline.dirswap import atomic_dir
 from pipeline.errors import DataValidationError, SourceError
 from pipeline.json_io import read_json
 from pipeline.stats import NUM_CLASSES, compute_stats

@@ -20,8 +20,8 @@ import pytest
 import torch
 import uvicorn
 
-from pipeline.atomic import atomic_dir
 from pipeline.config import ServeConfig
+from pipeline.dirswap import atomic_dir
 from pipeline.export import export_onnx
 from pipeline.model_io import LoadedModel
 from pipeline.models import build_model
