@@ -136,7 +136,10 @@ def check_scenario(sc: Scenario, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     points = log.read_text().splitlines()
     assert any(p.startswith(("exchange(", "rename(")) for p in points)
 
-    lines = [f"{sc.name}: {len(points)} kill points ({' + '.join(sc.dirs)} after the kill)"]
+    lines = [
+        f"{sc.name}: {len(points)} kill points (SIGKILL just before call k; "
+        f"{' + '.join(sc.dirs)} right after the kill, then after recovery)"
+    ]
     for k, point in enumerate(points, start=1):
         ws = fresh(f"k{k}")
         klog = tmp_path / f"k{k}.log"
