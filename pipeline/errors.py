@@ -82,3 +82,11 @@ class ImageDecodeError(PipelineError):
 
 class OrchestrationError(PipelineError):
     """A DVC command run by the Prefect flow failed, or DVC and the flow disagree afterwards."""
+
+
+class RegistryError(PipelineError):
+    """Recording, rolling back or following a model version failed (git, GTO or DVC)."""
+
+
+class RemoteUnreachable(RegistryError):
+    """A git or DVC remote is missing from the configuration or cannot be reached."""

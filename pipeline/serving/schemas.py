@@ -49,6 +49,9 @@ class Prediction(BaseModel):
 class PredictResponse(BaseModel):
     model_sha256: str = Field(description="sha256 of the ONNX file that answered")
     model_version: str | None
+    registry_version: str | None = Field(
+        default=None, description="registry version (GTO) of the model, with `serve --follow`"
+    )
     provider: str = Field(description="onnxruntime execution provider used")
     predictions: list[Prediction]
 
@@ -63,6 +66,13 @@ class Health(BaseModel):
     model_loaded: bool
     provider: str | None
     model_sha256: str | None
+
+
+class Readiness(Health):
+    registry_version: str | None = None
+    registry: dict[str, Any] | None = Field(
+        default=None, description="`serve --follow`: registry state, last error and why"
+    )
 
 
 class IOSpec(BaseModel):
@@ -88,6 +98,10 @@ class ModelInfo(BaseModel):
     metadata: dict[str, str] = Field(description="the ONNX file's metadata_props (provenance)")
     reloads: int = Field(description="model swaps since start-up")
     last_reload_error: str | None
+    registry_version: str | None = None
+    registry: dict[str, Any] | None = Field(
+        default=None, description="`serve --follow`: registry state, last error and why"
+    )
 
 
 ERRORS: dict[int | str, dict[str, Any]] = {

@@ -17,7 +17,7 @@ import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -37,8 +37,12 @@ from pipeline.serving.schemas import (
     Health,
     ModelInfo,
     PredictResponse,
+    Readiness,
     predict_request_schema,
 )
+
+if TYPE_CHECKING:
+    from pipeline.serving.follower import RegistryFollower
 
 log = logging.getLogger("pipeline.serving")
 
@@ -215,13 +219,16 @@ def parse_batch(body: bytes, max_batch: int) -> npt.NDArray[np.float32]:
     return arr.astype(np.float32)
 
 
-def _predictions(model: ServedModel, images: npt.NDArray[np.float32]) -> dict[str, Any]:
+def _predictions(
+    model: ServedModel, images: npt.NDArray[np.float32], registry_version: str | None = None
+) -> dict[str, Any]:
     _, probs = model.predict(images)
     digits = probs.argmax(axis=1)
     rounded = np.round(probs.astype(np.float64), 6).tolist()
     return {
         "model_sha256": model.sha256,
         "model_version": model.version,
+        "registry_version": registry_version,
         "provider": model.provider,
         "predictions": [
             {"digit": int(d), "probability": float(p[d]), "probabilities": p}
@@ -246,8 +253,35 @@ async def _poll_forever(store: ModelStore, interval_s: float) -> None:
             log.exception("model poll failed; will retry")
 
 
-def create_app(serve: ServeConfig, store: ModelStore, poll: bool = True) -> FastAPI:
-    """The ASGI app. ``poll=False`` disables the background reload task (tests)."""
+# --- registry follower (serve --follow) ---------------------------------------------------
+
+
+async def _follow_forever(follower: RegistryFollower, store: ModelStore) -> None:
+    """Poll the registry; after an install, reload the store at once (not at its next poll)."""
+    while True:
+        try:
+            if await run_in_threadpool(follower.poll):
+                await run_in_threadpool(store.poll)
+        except Exception:
+            log.exception("registry poll failed; will retry")
+        await asyncio.sleep(follower.interval_s)
+
+
+def _registry_version(follower: RegistryFollower | None, model: ServedModel) -> str | None:
+    return follower.version_of(model.sha256) if follower is not None else None
+
+
+def create_app(
+    serve: ServeConfig,
+    store: ModelStore,
+    poll: bool = True,
+    follower: RegistryFollower | None = None,
+) -> FastAPI:
+    """The ASGI app. ``poll=False`` disables the background reload task (tests).
+
+    With a ``follower`` the app also polls the registry (``serve --follow``) and names
+    the registry version in every prediction, ``/readyz`` and ``/v1/model``.
+    """
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -259,13 +293,15 @@ def create_app(serve: ServeConfig, store: ModelStore, poll: bool = True) -> Fast
                 store.state.last_error,
             )
         task = asyncio.create_task(_poll_forever(store, serve.reload_interval_s)) if poll else None
+        follow = asyncio.create_task(_follow_forever(follower, store)) if follower else None
         try:
             yield
         finally:
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            for running in (task, follow):
+                if running is not None:
+                    running.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await running
 
     app = FastAPI(
         title="MNIST digit classifier",
@@ -298,23 +334,33 @@ def create_app(serve: ServeConfig, store: ModelStore, poll: bool = True) -> Fast
             "model_sha256": model.sha256 if model else None,
         }
 
-    @app.get("/readyz", response_model=Health, responses={503: ERRORS[503]}, summary="readiness")
+    def _model_or_503() -> ServedModel:
+        if follower is not None and store.current is None:
+            why = follower.state.error or "waiting for the first model from the registry"
+            raise ApiError(503, "not_ready", f"registry {follower.git_url}: {why}")
+        return _require_model(store)
+
+    @app.get("/readyz", response_model=Readiness, responses={503: ERRORS[503]}, summary="readiness")
     async def readyz() -> dict[str, Any]:
-        model = _require_model(store)
+        model = _model_or_503()
         return {
             "status": "ready",
             "model_loaded": True,
             "provider": model.provider,
             "model_sha256": model.sha256,
+            "registry_version": _registry_version(follower, model),
+            "registry": follower.status() if follower else None,
         }
 
     @app.get("/v1/model", response_model=ModelInfo, responses={503: ERRORS[503]})
     async def model_info() -> dict[str, Any]:
-        model = _require_model(store)
+        model = _model_or_503()
         return {
             **model.describe(),
             "reloads": store.state.reloads,
             "last_reload_error": store.state.last_error,
+            "registry_version": _registry_version(follower, model),
+            "registry": follower.status() if follower else None,
         }
 
     @app.post(
@@ -332,13 +378,14 @@ def create_app(serve: ServeConfig, store: ModelStore, poll: bool = True) -> Fast
         summary="classify a batch of 28x28 images (raw pixels 0..255)",
     )
     async def predict(request: Request) -> JSONResponse:
-        model = _require_model(store)
+        model = _model_or_503()
+        version = _registry_version(follower, model)
         body = await request.body()
         if len(body) <= INLINE_BODY_BYTES:
-            result = _predictions(model, parse_batch(body, serve.max_batch))
+            result = _predictions(model, parse_batch(body, serve.max_batch), version)
         else:
             images = await run_in_threadpool(parse_batch, body, serve.max_batch)
-            result = await run_in_threadpool(_predictions, model, images)
+            result = await run_in_threadpool(_predictions, model, images, version)
         return JSONResponse(result)
 
     @app.post(
@@ -350,13 +397,13 @@ def create_app(serve: ServeConfig, store: ModelStore, poll: bool = True) -> Fast
     async def predict_image(
         file: UploadFile = File(description="PNG or JPEG, dark ink on light or the reverse"),  # noqa: B008
     ) -> JSONResponse:
-        model = _require_model(store)
+        model = _model_or_503()
         data = await file.read()
         try:
             image = await run_in_threadpool(to_mnist, data, serve.max_image_pixels)
         except ImageDecodeError as err:
             raise ApiError(422, "bad_image", f"{file.filename or 'upload'}: {err}") from err
-        return JSONResponse(_predictions(model, image[None]))
+        return JSONResponse(_predictions(model, image[None], _registry_version(follower, model)))
 
     return app
 
@@ -376,13 +423,24 @@ def build_store(serve: ServeConfig, registry: RegistryConfig) -> ModelStore:
 
 
 def run_server(
-    serve: ServeConfig, registry: RegistryConfig, host: str | None, port: int | None
+    serve: ServeConfig,
+    registry: RegistryConfig,
+    host: str | None,
+    port: int | None,
+    follower: RegistryFollower | None = None,
 ) -> None:
-    """Serve until interrupted. Starts even without a model (readiness says so)."""
+    """Serve until interrupted. Starts even without a model (readiness says so).
+
+    With a ``follower`` the served file is the one it installs (``serve --follow``).
+    """
     import uvicorn
 
     store = build_store(serve, registry)
-    app = create_app(serve, store)
+    if follower is not None:
+        store = ModelStore(
+            follower.model_path, device=serve.device, intra_op_threads=serve.intra_op_threads
+        )
+    app = create_app(serve, store, follower=follower)
     # Access logging costs ~10% at batch 1; errors are still logged.
     uvicorn.run(
         app,
