@@ -374,12 +374,18 @@ def _gto_register(root: Path, artifact: str, version: str, message: str) -> str:
     return registration_tag(artifact, version)
 
 
-def _gto_assign(root: Path, artifact: str, stage: str, version: str, message: str) -> str:
+def _gto_assign(
+    root: Path, artifact: str, stage: str, version: str, message: str, again: bool = False
+) -> str:
+    """A new stage tag for ``version``. ``again``: the version held the stage before
+    (a rollback), which GTO allows only with ``force`` (a new tag, none replaced)."""
     from gto import api as gto
 
     _after_last_stage_tag(root, artifact)
     before = {t.name for t in local_tags(root, artifact)}
-    gto.assign(str(root), artifact, stage, version=version, message=message, simple=False)
+    gto.assign(
+        str(root), artifact, stage, version=version, message=message, simple=False, force=again
+    )
     made = [t.name for t in local_tags(root, artifact) if t.name not in before]
     if len(made) != 1:
         raise RegistryError(f"gto assign made {made}, expected one stage tag")
@@ -560,7 +566,8 @@ def rollback_to(
     def make_tags(tags: list[RegistryTag]) -> tuple[str, list[str]]:
         now = stage_assignment(tags, reg.stage)
         message = f"{reg.stage} <- {version} (rollback from {now.version if now else 'none'})\n"
-        return version, [_gto_assign(root, reg.artifact, reg.stage, version, message)]
+        tag = _gto_assign(root, reg.artifact, reg.stage, version, message, again=True)
+        return version, [tag]
 
     _, made, attempts = _publish(repo, keep, make_tags)
     say(f"{reg.stage} is now {version} (was {was}): {', '.join(made)}")
