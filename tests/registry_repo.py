@@ -211,7 +211,9 @@ def repro(checkout: Path, check: bool = True) -> subprocess.CompletedProcess[str
     return sh([*DVC, "repro", "-q"], checkout, check=check)
 
 
-def pipeline_cli(checkout: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+def pipeline_cli(
+    checkout: Path, *args: str, check: bool = True
+) -> subprocess.CompletedProcess[str]:
     return sh([sys.executable, "-m", "pipeline", *args], checkout, check=check)
 
 
