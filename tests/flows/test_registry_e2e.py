@@ -179,6 +179,7 @@ def test_worker_records_and_service_follows(
     server = prefect_server
     url, b_process = service
     log_lines: list[str] = []
+    switches: list[tuple[str, float]] = []  # asserted at the end: the whole story runs first
 
     def note(text: str) -> None:
         log_lines.append(f"{time.strftime('%H:%M:%S')} {text}")
@@ -217,7 +218,7 @@ def test_worker_records_and_service_follows(
             note(f"run {params}: COMPLETED in {done - started:.0f} s")
             switch = wait_version(url, version, done, 2 * INTERVAL_S + 60)
             note(f"B serves {version} {switch:.1f} s after the flow run completed")
-            assert switch <= 2 * INTERVAL_S, f"{version} took {switch:.1f} s to reach B"
+            switches.append((version, switch))
             if not thread.is_alive():
                 thread.start()  # from the first served version on: no request may fail
 
@@ -227,7 +228,7 @@ def test_worker_records_and_service_follows(
         note(f"rollback --to v1.0.0 on A took {done - started:.1f} s {out.strip()[-200:]}")
         switch = wait_version(url, "v1.0.0", done, 2 * INTERVAL_S + 60)
         note(f"B serves v1.0.0 again {switch:.1f} s after the rollback")
-        assert switch <= 2 * INTERVAL_S
+        switches.append(("v1.0.0 (rollback)", switch))
 
         before = remote_state(origin, tmp_path)
         run_id = trigger(server, project, "profile=quick", 'params={"gate.min_accuracy": 0.9999}')
@@ -265,3 +266,5 @@ def test_worker_records_and_service_follows(
             Path(os.environ["REGISTRY_E2E_LOG"]).write_text(text)
         print(text)
     assert traffic.ok > 0 and not traffic.failed, traffic.failed[:5]
+    slow = [(v, round(s, 1)) for v, s in switches if s > 2 * INTERVAL_S]
+    assert not slow, f"B took longer than two poll intervals ({2 * INTERVAL_S} s): {slow}"
