@@ -206,8 +206,9 @@ class RegistryFollower:
             try:
                 return self._poll()
             except (RegistryError, ModelFileError, OSError) as err:
+                if str(err) != self.state.error:  # once per new reason, not every poll
+                    log.warning("registry: %s (still serving %s)", err, self.state.version)
                 self.state.error = str(err)
-                log.warning("registry follower: %s (still serving %s)", err, self.state.version)
                 return False
 
     def _poll(self) -> bool:
