@@ -51,7 +51,7 @@ from pipeline.gto_tags import (
     registrations,
     stage_assignment,
 )
-from pipeline.remotes import check_dvc_remote, check_git_remote
+from pipeline.remotes import check_dvc_remote, check_git_remote, git_remote_url
 from pipeline.vcs import Result, dvc, git
 
 log = logging.getLogger("pipeline.lineage")
@@ -245,6 +245,13 @@ def _prepare_remote(repo: _Repo) -> None:
         return
     if reg.git_remote is None:
         repo.say("registry.git_remote is null: recording locally only")
+        return
+    try:
+        git_remote_url(repo.root, reg.git_remote)
+    except RemoteUnreachable as err:
+        # A checkout without that remote records locally (and says how to publish);
+        # a remote that exists but does not answer is an error below.
+        repo.say(f"recording locally only: {err}")
         return
     check_git_remote(repo.root, reg.git_remote, reg.command_timeout_s)
     repo.remote = reg.git_remote
@@ -457,7 +464,7 @@ def record(cfg: Config, root: Path, push: bool = True, say: Say = log.info) -> R
         repo.git("commit", "--quiet", "--no-verify", "-m", draft)
     else:
         say("the run's files are committed already; registering HEAD")
-    if repo.remote is not None:
+    if push:
         check_dvc_remote(root, reg.dvc_remote, reg.command_timeout_s)
         say("dvc push: data and models to the DVC remote (before any tag is published)")
         args = ["push"] + (["-r", reg.dvc_remote] if reg.dvc_remote else [])

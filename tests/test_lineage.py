@@ -110,13 +110,22 @@ def test_no_git_remote_records_locally_and_says_so(world: World, tmp_path: Path)
     sh(["git", "remote", "remove", "origin"], a)
     promote_seed(a, 0)
     cfg = load_config(a / "params.yaml")
-    with pytest.raises(RemoteUnreachable, match="no git remote named 'origin'.*git remote add"):
-        record(cfg, a)
     said: list[str] = []
-    local = record(cfg, a, push=False, say=said.append)
+    local = record(cfg, a, say=said.append)
     assert local.version == "v1.0.0" and not local.pushed
-    assert any("not pushing" in line for line in said)
+    assert any(
+        "recording locally only: no git remote named 'origin'" in line
+        and "git remote add origin <url>" in line
+        for line in said
+    ), said
     assert f"{ARTIFACT}@v1.0.0" in sh(["git", "tag"], a).stdout
+    assert any(world.remote.rglob("*")), "the DVC remote is still pushed to"
+    assert remote_tags(world.origin) == []
+    # A remote that exists but does not answer is an error, and publishes nothing.
+    sh(["git", "remote", "add", "origin", str(world.root / "gone.git")], a)
+    promote_seed(a, 1)
+    with pytest.raises(RemoteUnreachable, match="gone.git.*is unreachable"):
+        record(cfg, a)
 
 
 def test_missing_dvc_remote_directory_is_explained(world: World) -> None:
