@@ -57,7 +57,7 @@ RUN_TIMEOUT_S = 1800
 # The quick profile on a training subset: this test is about the registry, and on a CPU
 # shared with other jobs a full quick epoch can take a quarter of an hour. The floor is
 # lowered to match (the impossible-gate run raises it again).
-SMALL = {"train.max_train_samples": 6000, "gate.min_accuracy": 0.5}
+SMALL = {"train.max_train_samples": 6000, "gate.min_accuracy": 0.0}
 IMAGE = [[[0.0] * 28] * 28]
 
 
