@@ -29,6 +29,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows.dvc_tasks import StageResult, gate_task, push_task, stage_task, status_task
 from flows.params_file import prepare_params, restore_params
+from flows.record import record_task
 from flows.reports import RunReport, build_report
 from pipeline.config import Config
 from pipeline.errors import OrchestrationError
@@ -76,6 +77,7 @@ def training_pipeline(
     params: dict[str, Any] | None = None,
     repo: str | None = None,
     push: bool | None = None,
+    record: bool | None = None,
 ) -> dict[str, Any]:
     """Run the DVC pipeline in ``repo`` (default: the working directory).
 
@@ -88,6 +90,8 @@ def training_pipeline(
         repo: the repository root holding dvc.yaml and params.yaml.
         push: push data and models to the DVC remote after success; None =
             ``flow.push_to_remote`` of params.yaml.
+        record: commit the run and register the promoted model (GTO tags, pushed when
+            ``push``); None = ``registry.record`` of params.yaml (on by default).
 
     Returns a summary: profile, params hash, what each stage did, whether it pushed.
     """
@@ -97,6 +101,7 @@ def training_pipeline(
     prepared = prepare_params(root, profile, params)
     cfg = prepared.cfg
     do_push = cfg.flow.push_to_remote if push is None else push
+    do_record = cfg.registry.record if record is None else record
     logger.info(
         "repo %s, profile %s, overrides %s, params hash %s",
         root,
@@ -137,7 +142,10 @@ def training_pipeline(
             "the pipeline finished but outputs the report needs are missing: "
             + "; ".join(report.missing.values())
         )
-    if do_push:
+    recorded = None
+    if do_record:  # commit + tags; pushes DVC first, then git (when do_push)
+        recorded = record_task(root, cfg, do_push)
+    elif do_push:
         push_task(root)
     else:
         logger.info("not pushing to the DVC remote (push disabled)")
@@ -146,6 +154,7 @@ def training_pipeline(
         "params_hash": cfg.params_hash(),
         "stages": done,
         "pushed": do_push,
+        "recorded": recorded,
     }
 
 

@@ -92,6 +92,12 @@ def _promote(cfg: Config, args: argparse.Namespace) -> None:
 
 
 def _rollback(cfg: Config, args: argparse.Namespace) -> None:
+    if args.to:
+        from pipeline.lineage import rollback_to
+
+        result = rollback_to(cfg, Path.cwd(), args.to, push=not args.no_push)
+        log.info("rollback: %s", result.summary())
+        return
     from pipeline.registry import rollback
 
     rollback(cfg)
@@ -105,11 +111,46 @@ def _recover(cfg: Config, args: argparse.Namespace) -> None:
     log.info("recover: %s", "; ".join(done) if done else "nothing to do")
 
 
+def _record(cfg: Config, args: argparse.Namespace) -> None:
+    from pipeline.lineage import record
+
+    result = record(cfg, Path.cwd(), push=not args.no_push)
+    log.info("record: %s", result.summary())
+
+
+def _lineage(cfg: Config, args: argparse.Namespace) -> None:
+    import json
+
+    from pipeline.lineage import lineage
+
+    print(json.dumps(lineage(cfg, Path.cwd(), args.version), indent=2, sort_keys=True))
+
+
+def _remotes(cfg: Config, args: argparse.Namespace) -> None:
+    from pipeline.remotes import check_dvc_remote, check_git_remote
+
+    timeout = cfg.registry.command_timeout_s
+    if cfg.registry.git_remote is None:
+        log.info("git remote: none configured (registry.git_remote: null), recording locally")
+    else:
+        url = check_git_remote(Path.cwd(), cfg.registry.git_remote, timeout)
+        log.info("git remote %s: %s reachable", cfg.registry.git_remote, url)
+    url = check_dvc_remote(Path.cwd(), cfg.registry.dvc_remote, timeout)
+    log.info("DVC remote: %s reachable", url)
+
+
 def _serve(cfg: Config, args: argparse.Namespace) -> None:
     from pipeline.serving.server import run_server
 
     token = os.environ.get(cfg.serve.auth_token_env) or None
-    run_server(cfg.serve, cfg.registry, host=args.host, port=args.port, token=token)
+    follower = None
+    if args.follow:
+        from pipeline.serving.follower import follower_from_args
+
+        follower = follower_from_args(cfg, args)
+    run_server(
+        cfg.serve, cfg.registry, host=args.host, port=args.port, token=token, follower=follower
+    )
 
 
 def _predict(cfg: Config, args: argparse.Namespace) -> None:
@@ -128,9 +169,12 @@ STAGES: dict[str, tuple[Handler, str]] = {
     "export": (_export, "export the candidate to ONNX and check parity with PyTorch"),
     "gate": (_gate, "accept or reject the candidate (exits non-zero on rejection)"),
     "promote": (_promote, "install a gated candidate as the production model"),
-    "rollback": (_rollback, "restore the previous production model"),
+    "rollback": (_rollback, "restore the previous production model, or --to any version"),
     "recover": (_recover, "finish interrupted ingest/promote/rollback swaps, remove leftovers"),
     "resume": (_resume, "train --resume, then `dvc commit --force train` (dvc.lock keeps it)"),
+    "record": (_record, "commit the promoted model, register its version (GTO), push"),
+    "lineage": (_lineage, "one registered version: commit, params, dataset, metrics, gate"),
+    "remotes": (_remotes, "check that the git and DVC remotes are configured and reachable"),
     "serve": (_serve, "HTTP inference service on the production model"),
     "predict": (_predict, "classify image files with the production model"),
 }
@@ -182,6 +226,29 @@ def build_parser() -> argparse.ArgumentParser:
     parsers["train"].add_argument(
         "--resume", action="store_true", help="continue from the last checkpoint"
     )
+    parsers["rollback"].add_argument(
+        "--to", metavar="VERSION", help="registered version (e.g. v1.2.0): move the stage there"
+    )
+    for name in ("rollback", "record"):
+        parsers[name].add_argument(
+            "--no-push", action="store_true", help="record in this checkout only"
+        )
+    parsers["lineage"].add_argument("version", help="registered version, e.g. v1.2.0")
+    parsers["serve"].add_argument(
+        "--follow", metavar="GIT_URL", help="serve the registry's stage from this git repository"
+    )
+    parsers["serve"].add_argument(
+        "--dvc-remote-url", help="with --follow: URL of the DVC remote holding the models"
+    )
+    parsers["serve"].add_argument(
+        "--dvc-config", type=Path, help="with --follow: a DVC config file (remotes, credentials)"
+    )
+    parsers["serve"].add_argument(
+        "--model-dir", type=Path, help="with --follow: install dir (default: registry.follow_dir)"
+    )
+    parsers["serve"].add_argument(
+        "--interval", type=float, help="with --follow: seconds between registry polls"
+    )
     parsers["serve"].add_argument("--host", help="bind address (default: serve.host)")
     parsers["serve"].add_argument("--port", type=int, help="port (default: serve.port)")
     parsers["predict"].add_argument("files", nargs="+", help="PNG/JPEG files")
@@ -206,6 +273,9 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
 
 def config_from_args(args: argparse.Namespace, environ: dict[str, str]) -> Config:
     overrides = parse_overrides(args.overrides)
+    if getattr(args, "follow", None) and not Path(args.params).exists():
+        # A service machine following the registry has no checkout, hence no params.yaml.
+        return config_from_dict({}, overrides)
     source = environ.get(SOURCE_ENV)
     if source:
         overrides["data.source"] = source

@@ -146,12 +146,34 @@ class GateConfig:
     report_path: PathField = Path("reports/gate.json")
 
 
+ArtifactName = Annotated[str, Field(pattern=r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$")]
+StageName = Annotated[str, Field(pattern=r"^[a-zA-Z0-9]([a-zA-Z0-9-_]*[a-zA-Z0-9])?$")]
+
+
 @dataclass(frozen=True, config=_STRICT)
 class RegistryConfig:
-    """Where the production model lives, and its one kept predecessor."""
+    """Where the production model lives, and how promotions are recorded (GTO + git + DVC).
+
+    ``artifact`` is the model's name in dvc.yaml ``artifacts:`` and in its GTO tags
+    (``<artifact>@v1.2.0``, ``<artifact>#<stage>#<n>``). ``git_remote`` names the git
+    remote (or URL) that commits and tags are pushed to; null records locally only.
+    ``dvc_remote`` is the DVC remote to push to (null: DVC's default). ``branch`` is the
+    branch run commits are pushed to (null: the current branch).
+    """
 
     production_dir: PathField = Path("models/production")
     previous_dir: PathField = Path("models/previous")
+    artifact: ArtifactName = "mnist-classifier"
+    stage: StageName = "production"
+    record: bool = True
+    git_remote: str | None = "origin"
+    dvc_remote: str | None = None
+    branch: str | None = None
+    bump: Literal["major", "minor", "patch"] = "minor"
+    push_attempts: PosInt = 5
+    command_timeout_s: PosFloat = 120.0
+    follow_interval_s: PosFloat = 10.0
+    follow_dir: PathField = Path("models/followed")
 
 
 @dataclass(frozen=True, config=_STRICT)

@@ -95,3 +95,11 @@ class SwapRecoveryError(PipelineError):
 
 class DvcCommandError(PipelineError):
     """A DVC command run by the CLI (e.g. ``dvc commit`` after a resumed training) failed."""
+
+
+class RegistryError(PipelineError):
+    """Recording, rolling back or following a model version failed (git, GTO or DVC)."""
+
+
+class RemoteUnreachable(RegistryError):
+    """A git or DVC remote is missing from the configuration or cannot be reached."""

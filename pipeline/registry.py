@@ -212,6 +212,24 @@ def promote(cfg: Config) -> dict[str, Any]:
     return card
 
 
+def install_production(prod: Path, prev: Path, source: Path) -> None:
+    """Copy the complete directory ``source`` in as ``prod``; the old ``prod`` becomes ``prev``.
+
+    The same journalled swap as :func:`promote` (crash-consistent); used to put a
+    registered version back (``rollback --to``).
+    """
+    with swapping(prod, [prod, prev]) as swap:
+        staging = swap.stage(prod)
+        shutil.copytree(source, staging, dirs_exist_ok=True)
+        had_production = prod.exists()
+        swap.install(staging, prod)
+        if had_production:
+            swap.install(staging, prev)
+        elif not prev.exists():
+            _placeholder(swap, prev)
+        swap.commit()
+
+
 def rollback(cfg: Config) -> str:
     """Exchange ``previous_dir`` and ``production_dir``; return the restored sha256."""
     prod = Path(cfg.registry.production_dir)

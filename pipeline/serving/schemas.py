@@ -49,6 +49,9 @@ class Prediction(BaseModel):
 class PredictResponse(BaseModel):
     model_sha256: str = Field(description="sha256 of the ONNX file that answered")
     model_version: str | None
+    registry_version: str | None = Field(
+        default=None, description="registry version (GTO) of the model, with `serve --follow`"
+    )
     provider: str = Field(description="onnxruntime execution provider used")
     predictions: list[Prediction]
 
@@ -68,6 +71,10 @@ class Health(BaseModel):
 class Readiness(Health):
     detail: str | None = Field(
         default=None, description="set when the last model reload was refused (and why)"
+    )
+    registry_version: str | None = None
+    registry: dict[str, Any] | None = Field(
+        default=None, description="`serve --follow`: registry state, last error and why"
     )
 
 
@@ -99,6 +106,10 @@ class ModelInfo(BaseModel):
     )
     model_file_missing: str | None = Field(
         description="set while the production model file is missing (this one keeps serving)"
+    )
+    registry_version: str | None = None
+    registry: dict[str, Any] | None = Field(
+        default=None, description="`serve --follow`: registry state, last error and why"
     )
 
 

@@ -23,7 +23,7 @@ import ipaddress
 import json
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -58,6 +58,9 @@ from pipeline.serving.schemas import (
     Readiness,
     predict_request_schema,
 )
+
+if TYPE_CHECKING:
+    from pipeline.serving.follower import RegistryFollower
 
 log = logging.getLogger("pipeline.serving")
 
@@ -221,13 +224,16 @@ def parse_batch(body: bytes, max_batch: int) -> npt.NDArray[np.float32]:
     return arr.astype(np.float32)
 
 
-def _predictions(model: ServedModel, images: npt.NDArray[np.float32]) -> dict[str, Any]:
+def _predictions(
+    model: ServedModel, images: npt.NDArray[np.float32], registry_version: str | None = None
+) -> dict[str, Any]:
     _, probs = model.predict(images)
     digits = probs.argmax(axis=1)
     rounded = np.round(probs.astype(np.float64), 6).tolist()
     return {
         "model_sha256": model.sha256,
         "model_version": model.version,
+        "registry_version": registry_version,
         "provider": model.provider,
         "predictions": [
             {"digit": int(d), "probability": float(p[d]), "probabilities": p}
@@ -252,12 +258,37 @@ async def _poll_forever(store: ModelStore, interval_s: float) -> None:
             log.exception("model poll failed; will retry")
 
 
+# --- registry follower (serve --follow) ---------------------------------------------------
+
+
+async def _follow_forever(follower: RegistryFollower, store: ModelStore) -> None:
+    """Poll the registry; after an install, reload the store at once (not at its next poll)."""
+    while True:
+        try:
+            if await run_in_threadpool(follower.poll):
+                await run_in_threadpool(store.poll)
+        except Exception:
+            log.exception("registry poll failed; will retry")
+        await asyncio.sleep(follower.interval_s)
+
+
+def _registry_version(follower: RegistryFollower | None, model: ServedModel) -> str | None:
+    return follower.version_of(model.sha256) if follower is not None else None
+
+
 def create_app(
-    serve: ServeConfig, store: ModelStore, poll: bool = True, token: str | None = None
+    serve: ServeConfig,
+    store: ModelStore,
+    poll: bool = True,
+    token: str | None = None,
+    follower: RegistryFollower | None = None,
 ) -> FastAPI:
     """The ASGI app. ``poll=False`` disables the background reload task (tests).
 
     ``token``: when given, the predict endpoints require ``Authorization: Bearer <token>``.
+
+    With a ``follower`` the app also polls the registry (``serve --follow``) and names
+    the registry version in every prediction, ``/readyz`` and ``/v1/model``.
     """
 
     @contextlib.asynccontextmanager
@@ -270,13 +301,15 @@ def create_app(
                 store.state.last_error,
             )
         task = asyncio.create_task(_poll_forever(store, serve.reload_interval_s)) if poll else None
+        follow = asyncio.create_task(_follow_forever(follower, store)) if follower else None
         try:
             yield
         finally:
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            for running in (task, follow):
+                if running is not None:
+                    running.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await running
 
     app = FastAPI(
         title="MNIST digit classifier",
@@ -329,9 +362,15 @@ def create_app(
             "model_sha256": model.sha256 if model else None,
         }
 
+    def _model_or_503() -> ServedModel:
+        if follower is not None and store.current is None:
+            why = follower.state.error or "waiting for the first model from the registry"
+            raise ApiError(503, "not_ready", f"registry {follower.git_url}: {why}")
+        return _require_model(store)
+
     @app.get("/readyz", response_model=Readiness, responses={503: ERRORS[503]}, summary="readiness")
     async def readyz() -> dict[str, Any]:
-        model = _require_model(store)
+        model = _model_or_503()
         if store.state.missing is not None:
             # Still answering with the loaded model, but the deployment is broken.
             raise ApiError(
@@ -346,17 +385,21 @@ def create_app(
             "detail": f"last reload refused, serving the previous model: {rejected}"
             if rejected
             else None,
+            "registry_version": _registry_version(follower, model),
+            "registry": follower.status() if follower else None,
         }
 
     @app.get("/v1/model", response_model=ModelInfo, responses={503: ERRORS[503]})
     async def model_info() -> dict[str, Any]:
-        model = _require_model(store)
+        model = _model_or_503()
         return {
             **model.describe(),
             "reloads": store.state.reloads,
             "failed_reloads": store.state.failed_reloads,
             "last_reload_error": store.state.last_error,
             "model_file_missing": store.state.missing,
+            "registry_version": _registry_version(follower, model),
+            "registry": follower.status() if follower else None,
         }
 
     @app.get("/metrics", include_in_schema=False)
@@ -378,16 +421,17 @@ def create_app(
         summary="classify a batch of 28x28 images (raw pixels 0..255)",
     )
     async def predict(request: Request) -> JSONResponse:
-        model = _require_model(store)
+        model = _model_or_503()
+        version = _registry_version(follower, model)
         body = await request.body()
         if len(body) <= INLINE_BODY_BYTES:
-            result = _predictions(model, parse_batch(body, serve.max_batch))
+            result = _predictions(model, parse_batch(body, serve.max_batch), version)
         else:
             try:
                 async with slots.slot():
                     images = await run_in_threadpool(parse_batch, body, serve.max_batch)
                     del body  # the pixels are parsed: let the JSON text go
-                    result = await run_in_threadpool(_predictions, model, images)
+                    result = await run_in_threadpool(_predictions, model, images, version)
             except Overloaded as err:
                 raise _overloaded(err) from None
         return JSONResponse(result)
@@ -401,7 +445,7 @@ def create_app(
     async def predict_image(
         file: UploadFile = File(description="PNG or JPEG, dark ink on light or the reverse"),  # noqa: B008
     ) -> JSONResponse:
-        model = _require_model(store)
+        model = _model_or_503()
         data = await file.read()
         try:
             async with slots.slot():
@@ -412,7 +456,7 @@ def create_app(
             raise ApiError(422, "bad_image", f"{file.filename or 'upload'}: {err}") from err
         except Overloaded as err:
             raise _overloaded(err) from None
-        return JSONResponse(_predictions(model, image[None]))
+        return JSONResponse(_predictions(model, image[None], _registry_version(follower, model)))
 
     metrics.route_paths = frozenset(getattr(r, "path", "") for r in app.routes)
     return app
@@ -477,18 +521,25 @@ def run_server(
     host: str | None,
     port: int | None,
     token: str | None = None,
+    follower: RegistryFollower | None = None,
 ) -> None:
     """Serve until interrupted. Starts even without a model (readiness says so).
 
     ``token`` comes from the environment variable named by ``serve.auth_token_env``
     (read by the CLI). Raises :class:`ConfigError` for a non-loopback bind without one.
+    With a ``follower`` the served file is the one it installs (``serve --follow``).
     """
     import uvicorn
 
     bind = host or serve.host
     token = resolve_token(serve, bind, token)
-    store = build_store(serve, registry)
-    app = create_app(serve, store, token=token)
+    if follower is not None:
+        store = ModelStore(
+            follower.model_path, device=serve.device, intra_op_threads=serve.intra_op_threads
+        )
+    else:
+        store = build_store(serve, registry)
+    app = create_app(serve, store, token=token, follower=follower)
     # Access logging (serve.access_log) costs ~10% at batch 1; errors are always logged.
     config = uvicorn_config(
         app, serve, host=bind, port=serve.port if port is None else port, log_level="info"
