@@ -26,7 +26,7 @@ from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-from prefect.states import Completed, State
+from prefect.states import Completed, Failed, State
 
 from pipeline.errors import ArtifactError, GateRejected, OrchestrationError
 from pipeline.json_io import read_json
@@ -234,9 +234,17 @@ def stage_task(repo: Path, stage: str) -> State[StageResult]:
 
 @task(name="dvc-gate", cache_policy=NO_CACHE, persist_result=False)
 def gate_task(repo: Path, stage: str, report_path: Path) -> State[StageResult]:
-    """Run the gate stage through DVC; fails with the gate's reasons on rejection."""
+    """Run the gate stage through DVC.
+
+    A rejection is an expected outcome, not a crash: one log line with the reasons and a
+    ``Rejected`` (failed) state whose result is the :class:`GateRejected`, no traceback.
+    """
     logger = get_run_logger()
-    result = repro_gate(repo, stage, report_path, logger.info)
+    try:
+        result = repro_gate(repo, stage, report_path, logger.info)
+    except GateRejected as err:
+        logger.error("%s", err)
+        return Failed(data=err, message=str(err), name="Rejected")
     logger.info("gate: %s", "passed" if result.ran else "up to date (passed before)")
     return _finished(result)
 

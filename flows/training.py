@@ -10,7 +10,8 @@ The flow
    DVC skips what is up to date (asked through DVC's Python API; such a task run shows
    as ``Skipped``); downloads retry inside :mod:`pipeline.sources`, so no stage is
    retried here;
-3. fails with the gate's reasons when the gate rejects (promote does not run);
+3. ends ``Rejected`` (a failed state) with the gate's reasons in one line when the gate
+   rejects (promote does not run; no traceback: a rejection is an expected outcome);
 4. checks ``dvc status`` is clean (DVC agrees with what the flow did);
 5. publishes a markdown report and a per-class table as artifacts (on failure too);
 6. pushes data and models to the DVC remote (``push`` / ``flow.push_to_remote``).
@@ -26,13 +27,14 @@ from typing import Any, cast
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.states import Failed, State
 
 from flows.dvc_tasks import StageResult, gate_task, push_task, stage_task, status_task
 from flows.params_file import prepare_params, restore_params
 from flows.record import record_task
 from flows.reports import RunReport, build_report
 from pipeline.config import Config
-from pipeline.errors import OrchestrationError
+from pipeline.errors import GateRejected, OrchestrationError
 
 STAGES = ("ingest", "validate", "train", "evaluate", "export", "gate", "promote")
 REPORT_KEY = "training-report"
@@ -78,7 +80,7 @@ def training_pipeline(
     repo: str | None = None,
     push: bool | None = None,
     record: bool | None = None,
-) -> dict[str, Any]:
+) -> dict[str, Any] | State[Any]:
     """Run the DVC pipeline in ``repo`` (default: the working directory).
 
     Args:
@@ -129,6 +131,13 @@ def training_pipeline(
         for stage in STAGES:
             result = run_stage(root, stage, cfg)
             done[stage] = "ran" if result.ran else "up to date"
+    except GateRejected as err:
+        # Expected: the model is not good enough. One line and a Rejected state, no traceback.
+        done["gate"] = "rejected"
+        if restore_params(params_path, prepared):
+            logger.warning("gate rejected: params.yaml restored to its state before the run")
+        publish_report(root, cfg, f"Rejected: {err}", header([]))
+        return Failed(message=str(err), name="Rejected")
     except BaseException as err:
         if restore_params(params_path, prepared):
             logger.warning("run failed: params.yaml restored to its state before the run")

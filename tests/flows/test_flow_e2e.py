@@ -448,7 +448,8 @@ def test_deployments_run_the_pipeline_through_a_worker(
         assert (project / "params.yaml").read_bytes() == params_before, "params.yaml not restored"
         failed_report = artifacts(server, run_id).get(REPORT_KEY)
         assert failed_report is not None, why
-        assert "Training pipeline run: Failed" in failed_report["data"], failed_report["data"]
+        assert "Training pipeline run: Rejected" in failed_report["data"], failed_report["data"]
+        assert state["name"] == "Rejected", why
     finally:
         worker.stop()
 
