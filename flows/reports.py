@@ -2,17 +2,22 @@
 
 The stages write their results as JSON files (paths from the :class:`Config`):
 
-====================  =========================================  =====================
-section               file                                       written by
-====================  =========================================  =====================
-dataset statistics    ``validate.stats_path``                    validate
-validation summary    ``validate.report_dir / "result.json"``    validate
-training summary      ``train.metrics_path``                     train
-test metrics          ``evaluate.metrics_path``                  evaluate
-per-class metrics     ``evaluate.per_class_path``                evaluate
-gate decision         ``gate.report_path``                       gate
+====================  ===============================================  ==========
+section               file                                             written by
+====================  ===============================================  ==========
+dataset statistics    ``validate.stats_path``                          validate
+validation summary    ``validate.report_dir / "result.json"``          validate
+training metrics      ``train.live_dir / "metrics.json"`` (dvclive)    train
+training run          ``train.run_info_path``                          train
+test metrics          ``evaluate.live_dir / "metrics.json"`` (dvclive) evaluate
+test run              ``evaluate.run_info_path``                       evaluate
+per-class metrics     ``evaluate.per_class_path``                      evaluate
+gate decision         ``gate.report_path``                             gate
 production model      ``registry.production_dir / "model_card.json"``  promote
-====================  =========================================  =====================
+====================  ===============================================  ==========
+
+The metrics files hold numbers only; the run files what ran (hashes, versions, n), and
+each pair is shown as one section.
 
 Reading is defensive about *fields* (a missing optional key prints as ``n/a``) but
 not about *files*: every file that is absent or not a JSON object is listed in
@@ -32,7 +37,19 @@ from pipeline.config import Config
 from pipeline.errors import ArtifactError
 from pipeline.json_io import read_json
 
-SECTIONS = ("data_stats", "validation", "train", "eval", "per_class", "gate", "model_card")
+SECTIONS = (
+    "data_stats",
+    "validation",
+    "train",
+    "train_run",
+    "eval",
+    "eval_run",
+    "per_class",
+    "gate",
+    "model_card",
+)
+# Sections shown inside another one: run information beside the metrics it belongs to.
+_SHOWN_WITH = {"train_run": "train", "eval_run": "eval"}
 PER_CLASS_COLUMNS = ("class", "precision", "recall", "f1", "support")
 
 
@@ -54,7 +71,9 @@ def report_paths(cfg: Config) -> dict[str, Path]:
         "data_stats": Path(cfg.validate.stats_path),
         "validation": Path(cfg.validate.report_dir) / "result.json",
         "train": Path(cfg.train.live_dir) / "metrics.json",
-        "eval": Path(cfg.evaluate.metrics_path),
+        "train_run": Path(cfg.train.run_info_path),
+        "eval": Path(cfg.evaluate.live_dir) / "metrics.json",
+        "eval_run": Path(cfg.evaluate.run_info_path),
         "per_class": Path(cfg.evaluate.per_class_path),
         "gate": Path(cfg.gate.report_path),
         "model_card": Path(cfg.registry.production_dir) / "model_card.json",
@@ -166,7 +185,7 @@ def _describe_check(check: Any) -> str:
 
 
 def _train(d: Mapping[str, Any]) -> list[str]:
-    # The train stage's keys are its own; show every scalar it reports.
+    # The train stage's keys (metrics and run information) are its own; show every scalar.
     return _table(_scalars(d))
 
 
@@ -282,9 +301,16 @@ def build_report(
     if header:
         lines += [*_table(header), ""]
     for name, title in _TITLES.items():
-        lines += [f"## {title}", "", f"`{paths[name]}`", ""]
-        data = loaded[name]
-        lines += _RENDER[name](data) if data is not None else [f"**missing**: {missing[name]}"]
+        parts = [name, *(extra for extra, host in _SHOWN_WITH.items() if host == name)]
+        lines += [f"## {title}", "", ", ".join(f"`{paths[p]}`" for p in parts), ""]
+        absent = [p for p in parts if loaded[p] is None]
+        if absent:
+            lines += [f"**missing**: {missing[p]}" for p in absent]
+        else:
+            merged: dict[str, Any] = {}
+            for p in reversed(parts):  # the metrics win over run information
+                merged.update(loaded[p] or {})
+            lines += _RENDER[name](merged)
         lines.append("")
     per_class = per_class_rows(loaded["per_class"]) if loaded["per_class"] is not None else []
     if missing:

@@ -119,9 +119,11 @@ class TrainConfig:
 @dataclass(frozen=True, config=_STRICT)
 class EvaluateConfig:
     batch_size: PosInt = 1000
-    metrics_path: PathField = Path("metrics/eval.json")
-    per_class_path: PathField = Path("metrics/eval_per_class.json")
-    confusion_csv: PathField = Path("reports/eval/confusion.csv")
+    # dvclive directory: metrics.json (numbers only), plots/sklearn/confusion_matrix.json.
+    live_dir: PathField = Path("metrics/eval")
+    # Non-numeric information (model sha256, dataset version, n): not a DVC metric.
+    run_info_path: PathField = Path("reports/eval/run.json")
+    per_class_path: PathField = Path("reports/eval/per_class.json")
     confusion_png: PathField = Path("reports/eval/confusion.png")
     mistakes_png: PathField = Path("reports/eval/mistakes.png")
     n_mistakes: PosInt = 36

@@ -4,12 +4,13 @@ Everything is computed from the PyTorch logits of the candidate on the 10,000 te
 images (raw pixels through :class:`pipeline.export.RawPixelClassifier`, i.e. the same
 normalisation the exported graph applies). Outputs (paths from ``cfg.evaluate``):
 
-- ``metrics/eval.json``: accuracy, loss (mean cross-entropy, no label smoothing), n,
-  errors, macro F1, model sha256, dataset version (DVC metrics).
-- ``metrics/eval_per_class.json``: precision/recall/F1/support per digit.
-- ``reports/eval/confusion.csv``: ``actual,predicted``, one row per test image
-  (the DVC ``confusion`` plot template aggregates it).
-- ``reports/eval/confusion.png`` and ``reports/eval/mistakes.png`` (matplotlib, Agg).
+- ``metrics/eval/`` (dvclive, ``live_dir``): ``metrics.json`` with numbers only (accuracy,
+  loss = mean cross-entropy without label smoothing, macro F1, errors; DVC metrics) and
+  ``plots/sklearn/confusion_matrix.json`` (dvclive's confusion plot data, drawn by
+  ``dvc plots show``: actual digit on the vertical axis, predicted on the horizontal).
+- ``reports/eval/run.json``: what was evaluated (model, model sha256, dataset version, n).
+- ``reports/eval/per_class.json``: precision/recall/F1/support per digit.
+- ``reports/eval/confusion.png`` (same orientation) and ``reports/eval/mistakes.png``.
 """
 
 from __future__ import annotations
@@ -17,18 +18,21 @@ from __future__ import annotations
 import io
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from pipeline.atomic import sha256_file, write_bytes, write_json, write_text
+from pipeline.atomic import atomic_dir, sha256_file, write_bytes, write_json
 from pipeline.config import Config, EvaluateConfig
 from pipeline.model_io import LoadedModel
 
 log = logging.getLogger("pipeline.evaluate")
 
 NUM_CLASSES = 10
+# dvclive writes it to <live_dir>/plots/sklearn/<name>.json; dvc.yaml's plots name the file.
+CONFUSION_PLOT = "confusion_matrix"
 Logits = npt.NDArray[np.float32]
 IntArray = npt.NDArray[np.int64]
 
@@ -53,6 +57,15 @@ class EvalResult:
     @property
     def macro_f1(self) -> float:
         return float(np.mean(self.f1))
+
+    def summary(self) -> dict[str, float | int]:
+        """The numbers of ``metrics.json``: what experiments are compared by."""
+        return {
+            "accuracy": self.accuracy,
+            "loss": self.loss,
+            "macro_f1": self.macro_f1,
+            "errors": self.errors,
+        }
 
     def per_class(self) -> dict[str, dict[str, float | int]]:
         return {
@@ -125,14 +138,6 @@ def compute_metrics(logits: Logits, labels: npt.ArrayLike) -> EvalResult:
         f1=tuple(float(v) for v in f1),
         support=tuple(int(v) for v in cm.sum(axis=1)),
     )
-
-
-def confusion_csv(actual: npt.ArrayLike, predicted: npt.ArrayLike) -> str:
-    """``actual,predicted`` CSV text, one row per image (DVC ``confusion`` template)."""
-    a = np.asarray(actual, dtype=np.int64)
-    p = np.asarray(predicted, dtype=np.int64)
-    rows = "".join(f"{x},{y}\n" for x, y in zip(a.tolist(), p.tolist(), strict=True))
-    return "actual,predicted\n" + rows
 
 
 def worst_mistakes(logits: Logits, labels: npt.ArrayLike, k: int) -> IntArray:
@@ -209,27 +214,54 @@ def mistakes_png(
     return _png(fig)
 
 
+def log_metrics(live_dir: Path, result: EvalResult, labels: npt.ArrayLike, pred: IntArray) -> Path:
+    """Write ``live_dir`` with dvclive, atomically as a whole; return the metrics file.
+
+    ``metrics.json`` holds only numbers (accuracy, loss, macro F1, errors: what people
+    compare across experiments). ``plots/sklearn/confusion_matrix.json`` is dvclive's
+    confusion plot data, one ``{"actual", "predicted"}`` row per image; dvc.yaml draws it
+    with actual digits on the vertical axis and predicted on the horizontal one, like
+    :func:`confusion_png`.
+    """
+    from dvclive import Live
+
+    # dvc.yaml declares the metrics and plots; dvclive must not edit it or save
+    # experiments of its own (the stage runs under `dvc repro` / `dvc exp run`).
+    with (
+        atomic_dir(live_dir) as tmp,
+        Live(dir=str(tmp), dvcyaml=False, save_dvc_exp=False) as live,
+    ):
+        for name, value in result.summary().items():
+            live.log_metric(name, value, plot=False)  # one evaluation: no per-step series
+        live.log_sklearn_plot(
+            "confusion_matrix",
+            np.asarray(labels, dtype=np.int64),
+            pred,
+            name=CONFUSION_PLOT,
+            title="Test set confusion matrix",
+            x_label="predicted digit",
+            y_label="actual digit",
+        )
+    return Path(live_dir) / "metrics.json"
+
+
 def write_reports(
     cfg: EvaluateConfig,
     result: EvalResult,
     logits: Logits,
     images: npt.NDArray[np.uint8],
     labels: npt.ArrayLike,
-    provenance: dict[str, Any],
+    run_info: dict[str, Any],
 ) -> dict[str, Any]:
-    """Write every evaluate output atomically; return the eval.json payload."""
-    pred = np.asarray(logits).argmax(axis=1)
-    metrics = {
-        "accuracy": result.accuracy,
-        "loss": result.loss,
-        "n": result.n,
-        "errors": result.errors,
-        "macro_f1": result.macro_f1,
-        **provenance,
-    }
-    write_json(cfg.metrics_path, metrics)
+    """Write every evaluate output; return the numbers of ``metrics.json``.
+
+    ``run_info`` (model, hashes, dataset version) goes to ``cfg.run_info_path`` with ``n``,
+    not into the DVC metrics, so ``dvc metrics show`` lists numbers only.
+    """
+    pred = np.asarray(logits).argmax(axis=1).astype(np.int64)
+    log_metrics(cfg.live_dir, result, labels, pred)
+    write_json(cfg.run_info_path, {**run_info, "n": result.n})
     write_json(cfg.per_class_path, result.per_class())
-    write_text(cfg.confusion_csv, confusion_csv(labels, pred))
     title = f"test accuracy {result.accuracy:.4f} (n={result.n})"
     write_bytes(cfg.confusion_png, confusion_png(result.confusion, title))
     idx = worst_mistakes(logits, labels, cfg.n_mistakes)
@@ -237,7 +269,7 @@ def write_reports(
         cfg.mistakes_png,
         mistakes_png(images, labels, logits, idx, f"most confident mistakes ({len(idx)})"),
     )
-    return metrics
+    return result.summary()
 
 
 def evaluate_model(
@@ -251,7 +283,7 @@ def evaluate_model(
 
 
 def run_evaluate_stage(cfg: Config) -> dict[str, Any]:
-    """Evaluate ``cfg.train.model_path`` on the prepared test split; return eval.json."""
+    """Evaluate ``cfg.train.model_path`` on the prepared test split; return the metrics."""
     from pipeline.dataset import dataset_version, load_split
     from pipeline.model_io import load_model_file
 
@@ -259,12 +291,12 @@ def run_evaluate_stage(cfg: Config) -> dict[str, Any]:
     test = load_split(cfg.data.prepared_dir, "test")
     images, labels = np.asarray(test.images), np.asarray(test.labels)
     result, logits = evaluate_model(model, images, labels, cfg.evaluate.batch_size)
-    provenance = {
+    run_info = {
         "model": model.name,
         "model_sha256": sha256_file(cfg.train.model_path),
         "dataset_version": dataset_version(cfg.data.prepared_dir),
     }
-    metrics = write_reports(cfg.evaluate, result, logits, images, labels, provenance)
+    metrics = write_reports(cfg.evaluate, result, logits, images, labels, run_info)
     log.info(
         "evaluate: accuracy %.4f, loss %.4f, %d errors of %d",
         result.accuracy,

@@ -194,7 +194,7 @@ def stage_metadata(
     tested = {k: eval_metrics[k] for k in ("accuracy", "loss", "n") if k in eval_metrics}
     if eval_metrics.get("model_sha256") not in (None, source_sha256):
         raise ModelFileError(
-            f"{cfg.evaluate.metrics_path} belongs to another model "
+            f"{cfg.evaluate.run_info_path} belongs to another model "
             f"({eval_metrics.get('model_sha256')}), not {source_sha256}; re-run evaluate"
         )
     return {
@@ -262,7 +262,13 @@ def run_export_stage(cfg: Config, cwd: Path | None = None) -> dict[str, Any]:
         source_sha256=source_sha,
         dataset_sha256=dataset_version(cfg.data.prepared_dir),
         commit=git_commit(cwd or Path.cwd()),
-        eval_metrics=read_json(cfg.evaluate.metrics_path, "evaluation metrics", "run evaluate"),
+        # The numbers from dvclive's metrics.json, what was evaluated from run.json.
+        eval_metrics={
+            **read_json(cfg.evaluate.run_info_path, "evaluation run info", "run evaluate"),
+            **read_json(
+                Path(cfg.evaluate.live_dir) / "metrics.json", "evaluation metrics", "run evaluate"
+            ),
+        },
     )
     test = load_split(cfg.data.prepared_dir, "test")
     dest = Path(cfg.export.onnx_path)

@@ -195,7 +195,7 @@ def promote(cfg: Config) -> dict[str, Any]:
         card = build_card(
             staged,
             gate,
-            _optional_json(cfg.evaluate.metrics_path),
+            _optional_json(Path(cfg.evaluate.live_dir) / "metrics.json"),
             _optional_json(cfg.export.parity_path),
         )
         write_json(staging / CARD_JSON, card)

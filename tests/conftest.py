@@ -88,9 +88,9 @@ def outputs_under(cfg: Config, root: Path, prepared: Path) -> Config:
         ),
         evaluate=replace(
             cfg.evaluate,
-            metrics_path=root / "metrics" / "eval.json",
-            per_class_path=root / "metrics" / "eval_per_class.json",
-            confusion_csv=root / "reports" / "confusion.csv",
+            live_dir=root / "metrics" / "eval",
+            run_info_path=root / "reports" / "eval" / "run.json",
+            per_class_path=root / "reports" / "eval" / "per_class.json",
             confusion_png=root / "reports" / "confusion.png",
             mistakes_png=root / "reports" / "mistakes.png",
         ),

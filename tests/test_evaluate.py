@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -16,7 +15,6 @@ from pipeline.config import Config
 from pipeline.dataset import dataset_version, load_split
 from pipeline.evaluate import (
     compute_metrics,
-    confusion_csv,
     confusion_matrix,
     run_evaluate_stage,
     worst_mistakes,
@@ -99,16 +97,6 @@ def test_compute_metrics_rejects_bad_input(
         compute_metrics(logits, labels)
 
 
-def test_confusion_csv_has_one_row_per_image() -> None:
-    text = confusion_csv([3, 1, 4], [3, 7, 4])
-    rows = list(csv.DictReader(text.splitlines()))
-    assert rows == [
-        {"actual": "3", "predicted": "3"},
-        {"actual": "1", "predicted": "7"},
-        {"actual": "4", "predicted": "4"},
-    ]
-
-
 def test_worst_mistakes_most_confident_first() -> None:
     labels = [0, 0, 0, 0]
     logits = np.zeros((4, 10), np.float32)
@@ -127,24 +115,55 @@ def test_run_evaluate_stage_writes_every_output(stage_cfg: Config, tiny_prepared
 
     metrics = run_evaluate_stage(cfg)
 
-    on_disk = json.loads(cfg.evaluate.metrics_path.read_text())
+    live = cfg.evaluate.live_dir
+    on_disk = json.loads((live / "metrics.json").read_text())
     assert on_disk == metrics
-    assert on_disk["n"] == len(labels)
+    # DVC metrics hold numbers only: hashes and names live in run.json.
+    assert all(isinstance(v, int | float) for v in on_disk.values()), on_disk
     assert on_disk["accuracy"] == pytest.approx(float(np.mean(labels == 3)))
     assert on_disk["errors"] == int(np.sum(labels != 3))
     # logits are 1 for class 3, 0 elsewhere: CE = log(e + 9) - [label == 3].
     assert on_disk["loss"] == pytest.approx(np.log(9 + np.e) - np.mean(labels == 3), rel=1e-5)
-    assert on_disk["model_sha256"] == sha256_file(cfg.train.model_path)
-    assert on_disk["dataset_version"] == dataset_version(tiny_prepared)
+
+    run = json.loads(cfg.evaluate.run_info_path.read_text())
+    assert run["n"] == len(labels)
+    assert run["model_sha256"] == sha256_file(cfg.train.model_path)
+    assert run["dataset_version"] == dataset_version(tiny_prepared)
 
     per_class = json.loads(cfg.evaluate.per_class_path.read_text())
     assert sorted(per_class, key=int) == [str(c) for c in range(10)]
     assert per_class["3"]["recall"] == 1.0
     assert per_class["3"]["support"] == int(np.sum(labels == 3))
 
-    rows = list(csv.DictReader(cfg.evaluate.confusion_csv.read_text().splitlines()))
+    # dvclive's confusion plot data: one row per image, labels as strings.
+    rows = json.loads((live / "plots" / "sklearn" / "confusion_matrix.json").read_text())
     assert [int(r["actual"]) for r in rows] == labels.tolist()
     assert {r["predicted"] for r in rows} == {"3"}
+    # Nothing else in the dvclive directory: no per-step series for a single evaluation.
+    files = sorted(p.relative_to(live).as_posix() for p in live.rglob("*") if p.is_file())
+    assert files == ["metrics.json", "plots/sklearn/confusion_matrix.json"]
 
     for png in (cfg.evaluate.confusion_png, cfg.evaluate.mistakes_png):
         assert png.read_bytes().startswith(PNG_MAGIC)
+
+
+def test_evaluate_keeps_the_old_outputs_when_logging_fails(
+    stage_cfg: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The dvclive directory is swapped in whole: a failure mid-way leaves the old one."""
+    import dvclive
+
+    live = stage_cfg.evaluate.live_dir
+    live.mkdir(parents=True)
+    (live / "metrics.json").write_text('{"accuracy": 0.5}')
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(dvclive.Live, "log_sklearn_plot", broken)
+    save_model_file(stage_cfg.train.model_path, constant_model(3), "mlp", 32, 0.13, 0.31)
+    with pytest.raises(OSError, match="disk full"):
+        run_evaluate_stage(stage_cfg)
+    assert (live / "metrics.json").read_text() == '{"accuracy": 0.5}'
+    leftovers = [p.name for p in live.parent.iterdir() if p.name.startswith(".")]
+    assert leftovers == []

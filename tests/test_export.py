@@ -145,7 +145,10 @@ def test_run_export_stage_metadata_and_parity(evaluated: Config, tiny_prepared: 
     onnx_path = cfg.export.onnx_path
     meta = read_metadata(onnx_path)
     assert set(METADATA_KEYS) <= set(meta)
-    evaluation = json.loads(cfg.evaluate.metrics_path.read_text())
+    evaluation = {
+        **json.loads(cfg.evaluate.run_info_path.read_text()),
+        **json.loads((cfg.evaluate.live_dir / "metrics.json").read_text()),
+    }
     assert json.loads(meta["test_metrics"]) == {k: evaluation[k] for k in ("accuracy", "loss", "n")}
     assert meta["dataset_sha256"] == dataset_version(tiny_prepared)
     assert meta["params_hash"] == cfg.params_hash()
@@ -183,9 +186,9 @@ def test_parity_failure_leaves_no_onnx(evaluated: Config, monkeypatch: pytest.Mo
 
 def test_export_refuses_metrics_of_another_model(evaluated: Config) -> None:
     cfg = evaluated
-    evaluation = json.loads(cfg.evaluate.metrics_path.read_text())
-    evaluation["model_sha256"] = "0" * 64
-    cfg.evaluate.metrics_path.write_text(json.dumps(evaluation))
+    run_info = json.loads(cfg.evaluate.run_info_path.read_text())
+    run_info["model_sha256"] = "0" * 64
+    cfg.evaluate.run_info_path.write_text(json.dumps(run_info))
     cfg.export.onnx_path.write_bytes(b"an earlier export")
     cfg.export.parity_path.write_text('{"passed": true}')
     with pytest.raises(ModelFileError, match="another model"):

@@ -99,7 +99,7 @@ def test_first_promote_installs_model_and_card(cfg: Config, models: dict[str, Pa
     test = load_split(cfg.data.prepared_dir, "test")
     parity = check_parity(random_model(0), cfg.export.onnx_path, test.images, test.labels, (1, 7))
     write_json(cfg.export.parity_path, parity.to_dict())
-    write_json(cfg.evaluate.metrics_path, {"accuracy": 0.9951, "loss": 0.02, "n": 100})
+    write_json(cfg.evaluate.live_dir / "metrics.json", {"accuracy": 0.9951, "loss": 0.02})
 
     card = promote(cfg)
 

@@ -69,11 +69,15 @@ STAGE_SCRIPT = textwrap.dedent(
         epochs = p["train"]["epochs"]
         Path("models/candidate").mkdir(parents=True, exist_ok=True)
         Path("models/candidate/model.pt").write_text(f"weights after {epochs} epochs\\n")
-        dump("metrics/train/metrics.json", {"epochs": epochs, "val_accuracy": 0.99,
-                                            "train_seconds": 1.5})
+        dump("metrics/train/metrics.json",
+             {"epochs": epochs, "val_accuracy": 0.99, "train_seconds": 1.5})
+        dump("metrics/train/plots/metrics/val_accuracy.tsv", "see dvclive")
+        dump("reports/train/run.json", {"profile": p["profile"], "params_hash": "0" * 64})
     elif stage == "evaluate":
-        dump("metrics/eval.json", {"accuracy": 0.995, "loss": 0.02, "n": 100, "errors": 1})
-        dump("metrics/eval_per_class.json", {
+        dump("metrics/eval/metrics.json", {"accuracy": 0.995, "loss": 0.02, "errors": 1})
+        dump("metrics/eval/plots/sklearn/confusion_matrix.json", [])
+        dump("reports/eval/run.json", {"n": 100, "model_sha256": "0" * 64})
+        dump("reports/eval/per_class.json", {
             str(c): {"precision": 0.99, "recall": 0.98, "f1": 0.985, "support": 10}
             for c in range(10)
         })
@@ -116,15 +120,20 @@ DVC_YAML = textwrap.dedent(
         cmd: python stage.py validate
         deps: [stage.py, data/prepared]
         params: [validate]
-        outs: [reports/validation]
-        metrics:
+        outs:
+          - reports/validation
           - metrics/data_stats.json:
               cache: false
       train:
         cmd: python stage.py train
         deps: [stage.py, data/prepared, metrics/data_stats.json]
         params: [train]
-        outs: [models/candidate/model.pt]
+        outs:
+          - models/candidate/model.pt
+          - metrics/train/plots:
+              cache: false
+          - reports/train/run.json:
+              cache: false
         metrics:
           - metrics/train/metrics.json:
               cache: false
@@ -132,10 +141,15 @@ DVC_YAML = textwrap.dedent(
         cmd: python stage.py evaluate
         deps: [stage.py, models/candidate/model.pt]
         params: [evaluate]
-        metrics:
-          - metrics/eval.json:
+        outs:
+          - metrics/eval/plots:
               cache: false
-          - metrics/eval_per_class.json:
+          - reports/eval/run.json:
+              cache: false
+          - reports/eval/per_class.json:
+              cache: false
+        metrics:
+          - metrics/eval/metrics.json:
               cache: false
       export:
         cmd: python stage.py export
@@ -149,7 +163,7 @@ DVC_YAML = textwrap.dedent(
         cmd: python stage.py gate
         deps: [stage.py, models/candidate/model.onnx]
         params: [gate]
-        metrics:
+        outs:
           - reports/gate.json:
               cache: false
       promote:
