@@ -1,0 +1,1 @@
+"""MNIST MLOps pipeline: one typed function per stage, `python -m pipeline <stage>`."""
