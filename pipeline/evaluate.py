@@ -5,10 +5,11 @@ images (raw pixels through :class:`pipeline.export.RawPixelClassifier`, i.e. the
 normalisation the exported graph applies). Outputs (paths from ``cfg.evaluate``):
 
 - ``metrics/eval/`` (dvclive, ``live_dir``): ``metrics.json`` with numbers only (accuracy,
-  loss = mean cross-entropy without label smoothing, macro F1, errors; DVC metrics) and
+  loss = mean cross-entropy without label smoothing, macro F1; DVC metrics) and
   ``plots/sklearn/confusion_matrix.json`` (dvclive's confusion plot data, drawn by
   ``dvc plots show``: actual digit on the vertical axis, predicted on the horizontal).
-- ``reports/eval/run.json``: what was evaluated (model, model sha256, dataset version, n).
+- ``reports/eval/run.json``: what was evaluated (model, model sha256, dataset version),
+  ``n`` and ``errors``.
 - ``reports/eval/per_class.json``: precision/recall/F1/support per digit.
 - ``reports/eval/confusion.png`` (same orientation) and ``reports/eval/mistakes.png``.
 """
@@ -58,14 +59,13 @@ class EvalResult:
     def macro_f1(self) -> float:
         return float(np.mean(self.f1))
 
-    def summary(self) -> dict[str, float | int]:
-        """The numbers of ``metrics.json``: what experiments are compared by."""
-        return {
-            "accuracy": self.accuracy,
-            "loss": self.loss,
-            "macro_f1": self.macro_f1,
-            "errors": self.errors,
-        }
+    def summary(self) -> dict[str, float]:
+        """The numbers of ``metrics.json``: what experiments are compared by.
+
+        ``errors`` and ``n`` are left to ``run.json``: they follow from the accuracy,
+        and every column counts in ``dvc exp show``.
+        """
+        return {"accuracy": self.accuracy, "loss": self.loss, "macro_f1": self.macro_f1}
 
     def per_class(self) -> dict[str, dict[str, float | int]]:
         return {
@@ -217,8 +217,8 @@ def mistakes_png(
 def log_metrics(live_dir: Path, result: EvalResult, labels: npt.ArrayLike, pred: IntArray) -> Path:
     """Write ``live_dir`` with dvclive, atomically as a whole; return the metrics file.
 
-    ``metrics.json`` holds only numbers (accuracy, loss, macro F1, errors: what people
-    compare across experiments). ``plots/sklearn/confusion_matrix.json`` is dvclive's
+    ``metrics.json`` holds only numbers (accuracy, loss, macro F1: what people compare
+    across experiments). ``plots/sklearn/confusion_matrix.json`` is dvclive's
     confusion plot data, one ``{"actual", "predicted"}`` row per image; dvc.yaml draws it
     with actual digits on the vertical axis and predicted on the horizontal one, like
     :func:`confusion_png`.
@@ -255,12 +255,12 @@ def write_reports(
 ) -> dict[str, Any]:
     """Write every evaluate output; return the numbers of ``metrics.json``.
 
-    ``run_info`` (model, hashes, dataset version) goes to ``cfg.run_info_path`` with ``n``,
-    not into the DVC metrics, so ``dvc metrics show`` lists numbers only.
+    ``run_info`` (model, hashes, dataset version) goes to ``cfg.run_info_path`` with ``n``
+    and ``errors``, not into the DVC metrics, so ``dvc metrics show`` lists numbers only.
     """
     pred = np.asarray(logits).argmax(axis=1).astype(np.int64)
     log_metrics(cfg.live_dir, result, labels, pred)
-    write_json(cfg.run_info_path, {**run_info, "n": result.n})
+    write_json(cfg.run_info_path, {**run_info, "n": result.n, "errors": result.errors})
     write_json(cfg.per_class_path, result.per_class())
     title = f"test accuracy {result.accuracy:.4f} (n={result.n})"
     write_bytes(cfg.confusion_png, confusion_png(result.confusion, title))

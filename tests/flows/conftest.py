@@ -74,9 +74,9 @@ STAGE_SCRIPT = textwrap.dedent(
         dump("metrics/train/plots/metrics/val_accuracy.tsv", "see dvclive")
         dump("reports/train/run.json", {"profile": p["profile"], "params_hash": "0" * 64})
     elif stage == "evaluate":
-        dump("metrics/eval/metrics.json", {"accuracy": 0.995, "loss": 0.02, "errors": 1})
+        dump("metrics/eval/metrics.json", {"accuracy": 0.995, "loss": 0.02})
         dump("metrics/eval/plots/sklearn/confusion_matrix.json", [])
-        dump("reports/eval/run.json", {"n": 100, "model_sha256": "0" * 64})
+        dump("reports/eval/run.json", {"n": 100, "errors": 1, "model_sha256": "0" * 64})
         dump("reports/eval/per_class.json", {
             str(c): {"precision": 0.99, "recall": 0.98, "f1": 0.985, "support": 10}
             for c in range(10)
@@ -155,8 +155,8 @@ DVC_YAML = textwrap.dedent(
         cmd: python stage.py export
         deps: [stage.py, models/candidate/model.pt]
         params: [export]
-        outs: [models/candidate/model.onnx]
-        metrics:
+        outs:
+          - models/candidate/model.onnx
           - metrics/parity.json:
               cache: false
       gate:

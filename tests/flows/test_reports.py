@@ -24,8 +24,8 @@ def test_report_joins_metrics_and_run_information(tmp_path: Path) -> None:
     assert paths["eval"] == tmp_path / "metrics" / "eval" / "metrics.json"
     _dump(paths["train"], {"val_accuracy": 0.9912, "train_seconds": 12.5})
     _dump(paths["train_run"], {"profile": "quick", "params_hash": "ab" * 32})
-    _dump(paths["eval"], {"accuracy": 0.9931, "loss": 0.0213, "macro_f1": 0.993, "errors": 69})
-    _dump(paths["eval_run"], {"n": 10000, "model_sha256": "cd" * 32})
+    _dump(paths["eval"], {"accuracy": 0.9931, "loss": 0.0213, "macro_f1": 0.993})
+    _dump(paths["eval_run"], {"n": 10000, "errors": 69, "model_sha256": "cd" * 32})
     _dump(paths["per_class"], {str(c): {"precision": 0.5, "recall": 1.0} for c in range(10)})
 
     report = build_report(tmp_path, cfg, outcome="Completed")
