@@ -164,6 +164,11 @@ def _png(fig: Any) -> bytes:
 
 def confusion_png(cm: IntArray, title: str) -> bytes:
     """Heat map of the confusion matrix with counts, as PNG bytes."""
+    return _png(confusion_figure(cm, title))
+
+
+def confusion_figure(cm: IntArray, title: str) -> Any:
+    """The heat map as a matplotlib figure: rows (y axis) actual, columns (x axis) predicted."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -181,7 +186,7 @@ def confusion_png(cm: IntArray, title: str) -> bytes:
     ax.set_xlabel("predicted")
     ax.set_ylabel("actual")
     ax.set_title(title)
-    return _png(fig)
+    return fig
 
 
 def mistakes_png(
