@@ -230,12 +230,11 @@ def log_metrics(live_dir: Path, result: EvalResult, labels: npt.ArrayLike, pred:
     """
     from dvclive import Live
 
-    # dvc.yaml declares the metrics and plots; dvclive must not edit it or save
-    # experiments of its own (the stage runs under `dvc repro` / `dvc exp run`).
-    with (
-        atomic_dir(live_dir) as tmp,
-        Live(dir=str(tmp), dvcyaml=False, save_dvc_exp=False) as live,
-    ):
+    with atomic_dir(live_dir) as tmp:
+        # dvc.yaml declares the metrics and plots: dvclive writes only the files. No
+        # end()/context manager: under `dvc exp run` end() would `git add` files of the
+        # staging directory and talk to Studio; make_summary() writes metrics.json.
+        live = Live(dir=str(tmp), dvcyaml=False, save_dvc_exp=False)
         for name, value in result.summary().items():
             live.log_metric(name, value, plot=False)  # one evaluation: no per-step series
         live.log_sklearn_plot(
@@ -247,6 +246,7 @@ def log_metrics(live_dir: Path, result: EvalResult, labels: npt.ArrayLike, pred:
             x_label="predicted digit",
             y_label="actual digit",
         )
+        live.make_summary()
     return Path(live_dir) / "metrics.json"
 
 
