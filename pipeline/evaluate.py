@@ -25,8 +25,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from pipeline.atomic import atomic_dir, sha256_file, write_bytes, write_json
+from pipeline.atomic import sha256_file, write_bytes, write_json
 from pipeline.config import Config, EvaluateConfig
+from pipeline.dirswap import atomic_dir
 from pipeline.model_io import LoadedModel
 
 log = logging.getLogger("pipeline.evaluate")
