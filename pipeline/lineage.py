@@ -637,7 +637,7 @@ def lineage(cfg: Config, root: Path, version: str) -> dict[str, Any]:
             "manifest_sha256": message.get("dataset"),
             "dvc_md5": message.get("dataset_dvc_md5"),
         },
-        "test_metrics": _git_json(root, commit, cfg.evaluate.metrics_path),
+        "test_metrics": _git_json(root, commit, Path(cfg.evaluate.live_dir) / "metrics.json"),
         "gate": _git_json(root, commit, cfg.gate.report_path),
         "model_card": card,
     }

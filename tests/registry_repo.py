@@ -58,7 +58,7 @@ STAGE_SCRIPT = textwrap.dedent(
     if stage == "train":
         Path("models/candidate").mkdir(parents=True, exist_ok=True)
         shutil.copyfile(f"pool/{seed}.onnx", "models/candidate/model.onnx")
-        dump("metrics/eval.json", {"accuracy": ACCURACY[seed], "loss": 0.03, "n": 100})
+        dump("metrics/eval/metrics.json", {"accuracy": ACCURACY[seed], "loss": 0.03})
     elif stage == "gate":
         acc, floor = ACCURACY[seed], p["gate"]["min_accuracy"]
         ok = acc >= floor
@@ -97,7 +97,7 @@ DVC_YAML = {
             "deps": ["stage.py", "pool"],
             "params": ["train.seed"],
             "outs": ["models/candidate/model.onnx"],
-            "metrics": [{"metrics/eval.json": {"cache": False}}],
+            "metrics": [{"metrics/eval/metrics.json": {"cache": False}}],
         },
         "gate": {
             "cmd": "python stage.py gate",
