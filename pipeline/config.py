@@ -24,14 +24,22 @@ from dataclasses import asdict, fields, is_dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_type_hints
 
-from pydantic import ConfigDict, Field, ValidationError, model_validator
+from pydantic import BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 from pydantic.dataclasses import dataclass
 
 from pipeline.errors import ConfigError
 
 _STRICT = ConfigDict(extra="forbid", strict=True)
 
-PathField = Annotated[Path, Field(strict=False)]
+
+def _non_empty_path(value: Any) -> Any:
+    # Path("") is ".": an empty string would silently mean the working directory.
+    if isinstance(value, str) and not value.strip():
+        raise ValueError("a path must not be empty")
+    return value
+
+
+PathField = Annotated[Path, Field(strict=False), BeforeValidator(_non_empty_path)]
 PosInt = Annotated[int, Field(gt=0)]
 NonNegInt = Annotated[int, Field(ge=0)]
 PosFloat = Annotated[float, Field(gt=0)]
