@@ -12,7 +12,7 @@ MNIST_SOURCE ?= $(if $(wildcard ../shared/mnist/train-images-idx3-ubyte.gz),$(ab
 PROFILE ?= default
 RUN := env PATH="$(abspath $(BIN)):$$PATH" $(if $(MNIST_SOURCE),MNIST_SOURCE="$(MNIST_SOURCE)",)
 
-.PHONY: install pipeline params pipeline-quick gate test test-slow test-all lint format bench clean
+.PHONY: install pipeline params remotes pipeline-quick gate test test-slow test-all lint format bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ params: install
 
 pipeline-quick:
 	$(MAKE) pipeline PROFILE=quick
+
+# Are the git and DVC remotes configured and reachable? Says what to configure if not.
+remotes: install
+	$(RUN) $(BIN)/python -m pipeline remotes
 
 # The gate alone, as a CI check on the current candidate (exits non-zero on rejection).
 gate: install
