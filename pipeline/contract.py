@@ -32,8 +32,7 @@ INPUT_CONTRACT: Final = (
     "(white digit on black background); normalisation (x/255-mean)/std is inside the graph"
 )
 OUTPUT_CONTRACT: Final = (
-    f"outputs '{LOGITS}' and '{PROBABILITIES}' (softmax): float32 [N,{NUM_CLASSES}], "
-    "class = index"
+    f"outputs '{LOGITS}' and '{PROBABILITIES}' (softmax): float32 [N,{NUM_CLASSES}], class = index"
 )
 
 

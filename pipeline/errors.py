@@ -82,3 +82,11 @@ class ImageDecodeError(PipelineError):
 
 class OrchestrationError(PipelineError):
     """A DVC command run by the Prefect flow failed, or DVC and the flow disagree afterwards."""
+
+
+class ClusterError(PipelineError):
+    """The Dask cluster of a sweep is unreachable, has no workers, or lost every trial."""
+
+
+class SweepError(PipelineError):
+    """A hyperparameter sweep ended without a single completed trial."""
