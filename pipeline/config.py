@@ -251,8 +251,11 @@ class SweepConfig:
         # Strict dataclasses take no mappings: build each entry, errors naming its key.
         if not isinstance(value, Mapping):
             return value
-        out = {}
+        out: dict[str, SweepParam] = {}
         for key, entry in value.items():
+            if isinstance(entry, SweepParam):  # dataclasses.replace passes built entries
+                out[key] = entry
+                continue
             if not isinstance(entry, Mapping):
                 raise ConfigError(f"sweep.space.{key}: must be a mapping (low/high or choices)")
             try:
