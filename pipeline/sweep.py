@@ -362,7 +362,15 @@ def run_sweep(
     reports = Queue(f"{channel}-reports", client=client)
     payload = client.scatter(data, broadcast=True, hash=False)
     if warm:
-        client.run(warm_up)
+        # As tasks pinned to each worker (not client.run, which blocks the worker's event
+        # loop for as long as the imports take).
+        addresses = list(client.scheduler_info()["workers"])
+        client.gather(
+            [
+                client.submit(warm_up, workers=[a], allow_other_workers=False, pure=False)
+                for a in addresses
+            ]
+        )
     running: dict[Future, _Running] = {}
     by_number: dict[int, _Running] = {}
     records: list[TrialRecord] = []
@@ -377,6 +385,13 @@ def run_sweep(
 
     def handle(msg: dict[str, Any]) -> None:
         r = by_number[msg["trial"]]
+        if r.record.state != "running":
+            # A finished trial recomputed by Dask (its result was lost with a worker
+            # before it was released): stop it at its first epoch; the study has it.
+            if msg["kind"] == "epoch":
+                name = _queue_names(channel, r.record.number, msg["attempt"])[1]
+                Queue(name, client=client).put(True)
+            return
         if msg["kind"] == "start":
             r.record.attempts.append(msg["worker"])
             again = f" (attempt {len(r.record.attempts)})" if len(r.record.attempts) > 1 else ""
@@ -397,6 +412,7 @@ def run_sweep(
         try:
             out: TrialOutcome = fut.result()
         except KilledWorker as err:
+            fut.release()
             if rec.resubmitted < sc.trial_retries:
                 rec.resubmitted += 1
                 emit(f"trial {rec.number}: its workers died ({err}); submitting it again")
@@ -406,6 +422,8 @@ def run_sweep(
             study.tell(r.trial, state=OptunaState.FAIL)
             emit(f"trial {rec.number} failed: {rec.error}")
             return
+        # Released now: a result still held on a worker that dies later would be recomputed.
+        fut.release()
         rec.state, rec.worker, rec.seconds = out.state, out.worker, round(out.seconds, 3)
         rec.val_accuracy_per_epoch, rec.error = out.val_accuracy, out.error
         if out.state == "complete":
