@@ -26,7 +26,8 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from pipeline.errors import GateRejected, OrchestrationError
+from pipeline.errors import ArtifactError, GateRejected, OrchestrationError
+from pipeline.json_io import read_json
 
 LineSink = Callable[[str], None]
 
@@ -128,10 +129,9 @@ def _failure(result: CommandResult, what: str) -> OrchestrationError:
 def read_gate_report(path: Path) -> dict[str, Any] | None:
     """The gate's JSON report, or None if it is missing or unreadable."""
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+        return read_json(path, "gate report")
+    except ArtifactError:
         return None
-    return data if isinstance(data, dict) else None
 
 
 def gate_rejection(report: Mapping[str, Any]) -> GateRejected:

@@ -23,13 +23,14 @@ publishes the result as artifacts.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pipeline.config import Config
+from pipeline.errors import ArtifactError
+from pipeline.json_io import read_json
 
 SECTIONS = ("data_stats", "validation", "train", "eval", "per_class", "gate", "model_card")
 PER_CLASS_COLUMNS = ("class", "precision", "recall", "f1", "support")
@@ -63,14 +64,9 @@ def report_paths(cfg: Config) -> dict[str, Path]:
 def read_json_object(path: Path) -> tuple[dict[str, Any] | None, str | None]:
     """``(object, None)``, or ``(None, reason)`` if the file is missing or not a JSON object."""
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return None, f"{path}: file missing"
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        return None, f"{path}: not valid JSON ({err})"
-    if not isinstance(data, dict):
-        return None, f"{path}: expected a JSON object, got {type(data).__name__}"
-    return data, None
+        return read_json(path, "file"), None
+    except ArtifactError as err:
+        return None, str(err)
 
 
 def get(data: Mapping[str, Any], dotted: str) -> Any:

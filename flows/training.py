@@ -6,8 +6,9 @@ The flow
 1. validates the run's parameters once (:func:`pipeline.config.load_config`) and writes
    its profile/overrides into ``params.yaml`` like ``dvc exp run -S`` (see
    :mod:`flows.params_file`), so DVC and every stage see exactly them;
-2. runs ``dvc repro --single-item <stage>`` for each stage of ``dvc.yaml`` in order
-   (ingest with retries and exponential backoff); DVC skips what is up to date;
+2. runs ``dvc repro --single-item <stage>`` for each stage of ``dvc.yaml`` in order;
+   DVC skips what is up to date (downloads retry inside :mod:`pipeline.sources`, so
+   no stage is retried here);
 3. fails with the gate's reasons when the gate rejects (promote does not run);
 4. checks ``dvc status`` is clean (DVC agrees with what the flow did);
 5. publishes a markdown report and a per-class table as artifacts (on failure too);
@@ -24,7 +25,6 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.tasks import exponential_backoff
 
 from flows.dvc_tasks import StageResult, gate_task, push_task, stage_task, status_task
 from flows.params_file import prepare_params, restore_params
@@ -41,14 +41,7 @@ def run_stage(root: Path, stage: str, cfg: Config) -> StageResult:
     """One stage as its own Prefect task (named after the stage)."""
     if stage == "gate":
         return gate_task.with_options(name=stage)(root, stage, Path(cfg.gate.report_path))
-    task = stage_task.with_options(name=stage)
-    if stage == "ingest":
-        # Downloads are what fails transiently; the other stages are deterministic.
-        task = task.with_options(
-            retries=cfg.flow.ingest_retries,
-            retry_delay_seconds=exponential_backoff(backoff_factor=cfg.flow.ingest_retry_delay_s),
-        )
-    return task(root, stage)
+    return stage_task.with_options(name=stage)(root, stage)
 
 
 def publish_report(

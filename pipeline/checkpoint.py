@@ -3,9 +3,9 @@
 One file, ``<checkpoint_dir>/last.pt``, replaced atomically after every epoch, so a
 crash at any moment leaves the previous complete checkpoint. It holds everything to
 continue bit-identically: model, optimizer, scheduler and EMA state, the torch RNG
-states (global CPU, CUDA, and the data generator), Python's ``random`` state, the
-epoch and the history so far, plus ``config_hash`` (see :func:`train_config_hash`).
-NumPy's global RNG is not used by training, so it is not stored.
+states (global CPU, CUDA, and the data generator), the epoch and the history so far,
+plus ``config_hash`` (see :func:`train_config_hash`). Python's and NumPy's global RNGs
+are not used by training, so they are not stored.
 
 Loadable with ``torch.load(weights_only=True)``: only tensors and plain containers.
 """

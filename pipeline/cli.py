@@ -220,7 +220,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         handler, _ = STAGES[args.stage]
         handler(cfg, args)
     except PipelineError as err:
-        print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
+        # One line, whatever the message: CI logs and `dvc repro` output stay readable.
+        message = " | ".join(line.strip() for line in str(err).splitlines() if line.strip())
+        print(f"error: {type(err).__name__}: {message}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

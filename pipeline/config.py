@@ -49,7 +49,7 @@ class DataConfig:
     mirrors: tuple[str, ...] = DEFAULT_MIRRORS
     raw_dir: PathField = Path("data/raw")
     prepared_dir: PathField = Path("data/prepared")
-    download_retries: PosInt = 3
+    download_retries: PosInt = 3  # attempts per mirror; the only retry layer
     download_timeout_s: PosFloat = 60.0
 
 
@@ -129,7 +129,7 @@ class ExportConfig:
     opset: Annotated[int, Field(ge=18)] = 18
     onnx_path: PathField = Path("models/candidate/model.onnx")
     parity_path: PathField = Path("metrics/parity.json")
-    parity_batch_sizes: tuple[PosInt, ...] = (1, 7, 256)
+    parity_batch_sizes: Annotated[tuple[PosInt, ...], Field(min_length=1)] = (1, 7, 256)
     parity_atol: PosFloat = 1e-4
     quantize: bool = False
     int8_path: PathField = Path("models/candidate/model.int8.onnx")
@@ -170,8 +170,6 @@ class FlowConfig:
     """Prefect orchestration knobs (the flow wires DVC stages; see flows/)."""
 
     push_to_remote: bool = True
-    ingest_retries: NonNegInt = 3
-    ingest_retry_delay_s: NonNegFloat = 10.0
 
 
 # Train settings a sweep may not vary: they change what is measured (the val split,

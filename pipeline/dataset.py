@@ -11,7 +11,6 @@ The arrays are plain ``.npy`` so they memory-map in microseconds.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -64,11 +63,3 @@ def dataset_version(prepared_dir: Path) -> str:
     if not path.is_file():
         raise SourceError(f"{path}: manifest missing; run the ingest stage first")
     return sha256_file(path)
-
-
-def read_manifest(prepared_dir: Path) -> dict[str, object]:
-    path = Path(prepared_dir) / MANIFEST
-    if not path.is_file():
-        raise SourceError(f"{path}: manifest missing; run the ingest stage first")
-    data: dict[str, object] = json.loads(path.read_text())
-    return data

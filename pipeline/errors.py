@@ -56,6 +56,10 @@ class CheckpointError(PipelineError):
     """A checkpoint is missing, unreadable or belongs to another configuration."""
 
 
+class ArtifactError(PipelineError):
+    """A JSON file an earlier stage writes (metrics, report, manifest) is missing or malformed."""
+
+
 class ModelFileError(PipelineError):
     """A model file (state dict, ONNX) is missing or malformed."""
 

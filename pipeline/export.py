@@ -1,21 +1,15 @@
 """ONNX export of the candidate model, with the normalisation inside the graph.
 
-The exported graph is the serving contract (see ``docs/model-handoff.md``):
-
-- input ``image``: ``[N, 1, 28, 28] float32``, raw pixel values in ``[0, 255]``
-  (white digit on black, like MNIST); ``N`` is dynamic.
-- outputs ``logits`` and ``probabilities`` (softmax of the logits): ``[N, 10] float32``.
-
-The graph computes ``(image / 255 - mean) / std`` with the mean/std stored in the model
-file, so a consumer needs no constants. ``metadata_props`` carry provenance (see
-:data:`METADATA_KEYS`). The export stage writes the file only after it passed the
-parity check against PyTorch (:mod:`pipeline.parity`).
+The exported graph follows :mod:`pipeline.contract` (see ``docs/model-handoff.md``),
+with a dynamic batch axis. It computes ``(image / 255 - mean) / std`` with the mean/std
+stored in the model file, so a consumer needs no constants. ``metadata_props`` carry
+provenance (see :data:`METADATA_KEYS`). The export stage writes the file only after it
+passed the parity check against PyTorch (:mod:`pipeline.parity`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import logging
 import subprocess
@@ -27,23 +21,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
-from pipeline.atomic import sha256_file, write_bytes
+from pipeline.atomic import sha256_file, write_bytes, write_json
 from pipeline.config import Config
+from pipeline.contract import (
+    IMAGE_SIDE,
+    INPUT_CONTRACT,
+    INPUT_NAME,
+    NUM_CLASSES,
+    OUTPUT_CONTRACT,
+    OUTPUT_NAMES,
+    PIXEL_MAX,
+)
 from pipeline.errors import ModelFileError, ParityError
-from pipeline.model_io import LoadedModel
+from pipeline.json_io import read_json
+from pipeline.model_io import LoadedModel, load_model_file, wrap
+from pipeline.parity import check_parity
 
 log = logging.getLogger("pipeline.export")
-
-INPUT_NAME = "image"
-OUTPUT_NAMES = ("logits", "probabilities")
-NUM_CLASSES = 10
-INPUT_CONTRACT = (
-    "input 'image': float32 [N,1,28,28], raw pixels 0..255 (white digit on black background); "
-    "normalisation (x/255-mean)/std is inside the graph"
-)
-OUTPUT_CONTRACT = "outputs 'logits' and 'probabilities' (softmax): float32 [N,10], class = index"
 
 # Keys written into metadata_props by the export stage (export_onnx always writes the
 # contract keys; the rest come from the stage runner).
@@ -71,50 +66,11 @@ METADATA_KEYS = (
 _MAX_BATCH = 1 << 20
 
 
-class RawPixelClassifier(nn.Module):
-    """``(N, 1, 28, 28)`` float32 pixels in ``[0, 255]`` -> ``(logits, probabilities)``.
-
-    Wraps a zoo model (which expects normalised input) with the normalisation, so the
-    same module is both what is exported and the PyTorch reference for parity.
-    """
-
-    mean: torch.Tensor
-    std: torch.Tensor
-
-    def __init__(self, module: nn.Module, mean: float, std: float) -> None:
-        super().__init__()
-        if not std > 0:
-            raise ModelFileError(f"normalisation std must be > 0, got {std}")
-        self.module = module
-        # Buffers (not Python floats) so the constants live in the graph as float32.
-        self.register_buffer("mean", torch.tensor(float(mean), dtype=torch.float32))
-        self.register_buffer("std", torch.tensor(float(std), dtype=torch.float32))
-
-    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = (image / 255.0 - self.mean) / self.std
-        logits = self.module(x)
-        return logits, torch.softmax(logits, dim=1)
-
-
-def wrap(model: LoadedModel) -> RawPixelClassifier:
-    """The eval-mode, CPU raw-pixel module of ``model`` (a copy: ``model`` is untouched)."""
-    module = copy.deepcopy(model.module).to("cpu")
-    return RawPixelClassifier(module, model.mean, model.std).eval()
-
-
-def library_versions() -> dict[str, str]:
+def contract_metadata(model: LoadedModel, opset: int) -> dict[str, str]:
+    """Metadata every exported file carries, whoever calls :func:`export_onnx`."""
     import onnx
     import onnxruntime
 
-    return {
-        "torch_version": torch.__version__,
-        "onnx_version": onnx.__version__,
-        "onnxruntime_version": onnxruntime.__version__,
-    }
-
-
-def contract_metadata(model: LoadedModel, opset: int) -> dict[str, str]:
-    """Metadata every exported file carries, whoever calls :func:`export_onnx`."""
     return {
         "model_name": model.name,
         "model_width": str(model.width),
@@ -124,22 +80,20 @@ def contract_metadata(model: LoadedModel, opset: int) -> dict[str, str]:
         "input_contract": INPUT_CONTRACT,
         "output_contract": OUTPUT_CONTRACT,
         "class_labels": ",".join(str(i) for i in range(NUM_CLASSES)),
-        **library_versions(),
+        "torch_version": torch.__version__,
+        "onnx_version": onnx.__version__,
+        "onnxruntime_version": onnxruntime.__version__,
     }
 
 
 @contextlib.contextmanager
 def _quiet_exporter_logs() -> Iterator[None]:
     """The exporter's optimiser passes log every rewrite at INFO; keep stage output readable."""
-    loggers = [logging.getLogger(n) for n in ("onnxscript", "onnx_ir", "torch.onnx")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(max(lg.getEffectiveLevel(), logging.WARNING))
+    logging.disable(logging.INFO)
     try:
         yield
     finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)
+        logging.disable(logging.NOTSET)
 
 
 def export_onnx(
@@ -163,7 +117,7 @@ def export_onnx(
         raise ModelFileError(f"metadata values must be strings, got {sorted(bad)}")
     module = wrap(model)
     # Batch 2 as the example: a size-1 example dimension would be specialised to 1.
-    example = torch.full((2, 1, 28, 28), 127.0)
+    example = torch.full((2, 1, IMAGE_SIDE, IMAGE_SIDE), PIXEL_MAX / 2)
     batch = torch.export.Dim("batch", min=1, max=_MAX_BATCH)
     try:
         with _quiet_exporter_logs():
@@ -174,7 +128,7 @@ def export_onnx(
                 opset_version=opset,
                 input_names=[INPUT_NAME],
                 output_names=list(OUTPUT_NAMES),
-                dynamic_shapes={"image": {0: batch}},
+                dynamic_shapes={INPUT_NAME: {0: batch}},
                 external_data=False,
                 optimize=True,
                 verbose=False,
@@ -226,15 +180,6 @@ def model_version(source_sha256: str, now: datetime | None = None) -> str:
     """``YYYYmmddTHHMMSSZ-<first 12 hex of the model file sha256>``."""
     stamp = (now or datetime.now(UTC)).strftime("%Y%m%dT%H%M%SZ")
     return f"{stamp}-{source_sha256[:12]}"
-
-
-def read_eval_metrics(path: Path) -> dict[str, Any]:
-    """The evaluate stage's metrics/eval.json. Raises :class:`ModelFileError` if missing."""
-    path = Path(path)
-    if not path.is_file():
-        raise ModelFileError(f"{path}: evaluation metrics missing; run the evaluate stage first")
-    data: dict[str, Any] = json.loads(path.read_text())
-    return data
 
 
 def stage_metadata(
@@ -304,8 +249,6 @@ def run_export_stage(cfg: Config, cwd: Path | None = None) -> dict[str, Any]:
     and reported under ``int8`` (see :mod:`pipeline.quantize`). Returns the report.
     """
     from pipeline.dataset import dataset_version, load_split
-    from pipeline.model_io import load_model_file
-    from pipeline.parity import check_parity, write_parity_report
 
     # Outputs of an earlier run go first: if this run fails at any point, no older
     # ONNX file (with its matching parity report) may be left for the gate to pass.
@@ -319,7 +262,7 @@ def run_export_stage(cfg: Config, cwd: Path | None = None) -> dict[str, Any]:
         source_sha256=source_sha,
         dataset_sha256=dataset_version(cfg.data.prepared_dir),
         commit=git_commit(cwd or Path.cwd()),
-        eval_metrics=read_eval_metrics(cfg.evaluate.metrics_path),
+        eval_metrics=read_json(cfg.evaluate.metrics_path, "evaluation metrics", "run evaluate"),
     )
     test = load_split(cfg.data.prepared_dir, "test")
     dest = Path(cfg.export.onnx_path)
@@ -339,14 +282,14 @@ def run_export_stage(cfg: Config, cwd: Path | None = None) -> dict[str, Any]:
         )
         payload = {**report.to_dict(), "export_seconds": round(export_s, 3)}
         payload.update(model_version=meta["model_version"], opset=cfg.export.opset)
-        write_parity_report(cfg.export.parity_path, payload)
+        write_json(cfg.export.parity_path, payload)
         if not report.passed:
             dest.unlink(missing_ok=True)
             raise ParityError(report.failure_message())
         staged.replace(dest)  # same directory: an atomic rename
     if cfg.export.quantize:
         payload["int8"] = _quantize_stage(cfg, dest)
-        write_parity_report(cfg.export.parity_path, payload)
+        write_json(cfg.export.parity_path, payload)
     log.info(
         "export: %s (%s), onnx accuracy %.4f, max |dlogit| %.2e",
         dest,

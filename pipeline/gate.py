@@ -8,13 +8,13 @@ Checks (each recorded with its observed value and threshold in ``reports/gate.js
   both recomputed now on the same test set; skipped (recorded as such) when there is
   no production model yet, so only the floor applies.
 
-Rejection writes the report first, then raises :class:`GateRejected`, so
-``python -m pipeline gate`` exits non-zero and can serve as a CI check.
+The report says ``"decision": "accepted"`` or ``"rejected"``. Rejection writes the report
+first, then raises :class:`GateRejected`, so ``python -m pipeline gate`` prints one line
+and exits non-zero: a CI check.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -26,11 +26,12 @@ import numpy.typing as npt
 
 from pipeline.atomic import sha256_file, write_json
 from pipeline.config import Config, GateConfig
-from pipeline.errors import GateRejected, ModelFileError
+from pipeline.contract import MODEL_FILE
+from pipeline.errors import ArtifactError, GateRejected, ModelFileError
+from pipeline.json_io import read_json
+from pipeline.onnx_runtime import onnx_accuracy
 
 log = logging.getLogger("pipeline.gate")
-
-MODEL_FILE = "model.onnx"
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,7 @@ class GateDecision:
         return [c.message for c in self.checks if not c.passed]
 
     def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
+        out = {"decision": "accepted" if self.passed else "rejected", **asdict(self)}
         out["checks"] = [asdict(c) for c in self.checks]
         out["reasons"] = self.reasons
         return out
@@ -103,20 +104,17 @@ def accuracy_checks(
 
 def parity_check(parity_path: Path, candidate_sha256: str) -> Check:
     """The export stage's parity report must exist, have passed, and be about this file."""
-    path = Path(parity_path)
-    if not path.is_file():
-        return Check("parity", False, "missing", "passed", f"{path}: parity report missing")
     try:
-        report = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        return Check("parity", False, "unreadable", "passed", f"{path}: not JSON: {err}")
+        report = read_json(parity_path, "parity report", "run the export stage")
+    except ArtifactError as err:
+        return Check("parity", False, "unreadable", "passed", str(err))
     if report.get("onnx_sha256") != candidate_sha256:
         return Check(
             "parity",
             False,
             str(report.get("onnx_sha256")),
             candidate_sha256,
-            f"{path} was computed for another ONNX file; re-run the export stage",
+            f"{parity_path} was computed for another ONNX file; re-run the export stage",
         )
     ok = report.get("passed") is True
     return Check(
@@ -139,8 +137,6 @@ def decide(
     batch_size: int = 1000,
 ) -> GateDecision:
     """Measure candidate (and production, if given and present) ONNX accuracy and decide."""
-    from pipeline.parity import onnx_accuracy
-
     candidate_path = Path(candidate_path)
     if not candidate_path.is_file():
         raise ModelFileError(f"{candidate_path}: candidate ONNX missing; run the export stage")

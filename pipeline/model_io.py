@@ -9,10 +9,14 @@ A plain dict saved with ``torch.save`` and loadable with ``torch.load(weights_on
       "state_dict": {...},                                # float32 tensors, CPU
       "meta": {...},                                      # JSON-able provenance/metrics
     }
+
+:func:`wrap` gives the module that takes raw pixels (:mod:`pipeline.contract`): what
+export writes to ONNX and what parity and evaluation compare with.
 """
 
 from __future__ import annotations
 
+import copy
 import io
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +26,8 @@ import torch
 from torch import nn
 
 from pipeline.atomic import write_bytes
-from pipeline.errors import ModelFileError
+from pipeline.contract import PIXEL_MAX
+from pipeline.errors import ConfigError, ModelFileError
 from pipeline.models import build_model
 
 FORMAT = "mnist-mlops/model-v1"
@@ -73,9 +78,11 @@ def load_model_file(path: Path, map_location: str | torch.device = "cpu") -> Loa
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ModelFileError(f"{path}: not a {FORMAT} file")
     spec, norm = payload["model"], payload["normalization"]
-    module = build_model(spec["name"], spec["width"])
     try:
+        module = build_model(spec["name"], spec["width"])
         module.load_state_dict(payload["state_dict"])
+    except ConfigError as err:
+        raise ModelFileError(f"{path}: {err}") from err
     except RuntimeError as err:
         raise ModelFileError(f"{path}: weights do not fit model {spec}: {err}") from err
     module.eval()
@@ -87,3 +94,32 @@ def load_model_file(path: Path, map_location: str | torch.device = "cpu") -> Loa
         std=float(norm["std"]),
         meta=dict(payload.get("meta", {})),
     )
+
+
+class RawPixelClassifier(nn.Module):
+    """``(N, 1, 28, 28)`` float32 pixels in ``[0, 255]`` -> ``(logits, probabilities)``.
+
+    Wraps a zoo model (which expects normalised input) with the normalisation, so the
+    same module is both what is exported and the PyTorch reference for parity.
+    """
+
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def __init__(self, module: nn.Module, mean: float, std: float) -> None:
+        super().__init__()
+        if not std > 0:
+            raise ModelFileError(f"normalisation std must be > 0, got {std}")
+        self.module = module
+        # Buffers (not Python floats) so the constants live in the graph as float32.
+        self.register_buffer("mean", torch.tensor(float(mean), dtype=torch.float32))
+        self.register_buffer("std", torch.tensor(float(std), dtype=torch.float32))
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.module((image / PIXEL_MAX - self.mean) / self.std)
+        return logits, torch.softmax(logits, dim=1)
+
+
+def wrap(model: LoadedModel) -> RawPixelClassifier:
+    """The eval-mode, CPU raw-pixel module of ``model`` (a copy: ``model`` is untouched)."""
+    return RawPixelClassifier(copy.deepcopy(model.module).to("cpu"), model.mean, model.std).eval()

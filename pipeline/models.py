@@ -12,6 +12,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from pipeline.errors import ConfigError
+
 MODEL_NAMES = ("mlp", "seed_cnn", "cnn")
 
 
@@ -56,8 +58,9 @@ def cnn(width: int = 24) -> nn.Module:
     """Default CNN, sized for a 2-core CPU: w, 2w, 2w, 4w channels, a linear head.
 
     Only one conv runs at full 28x28 resolution (the expensive one on a CPU); the
-    capacity sits at 14x14 and 7x7. ``width=24``: about 82k parameters, about 3.3 MMAC
-    per image forward; measured choices are in docs/bench/train.md.
+    capacity sits at 14x14 and 7x7. ``width=24``: 81,874 parameters, 8.3 M multiply-adds
+    per image forward (``width=12``: 22,798 and 2.1 M); measured choices are in
+    docs/bench/train.md.
     """
     w = width
     return nn.Sequential(
@@ -77,11 +80,10 @@ _BUILDERS: dict[str, Callable[[int], nn.Module]] = {"mlp": mlp, "seed_cnn": seed
 
 
 def build_model(name: str, width: int = 24) -> nn.Module:
-    """Instantiate a model by name. Raises ``ValueError`` for an unknown name."""
-    try:
-        return _BUILDERS[name](width)
-    except KeyError:
-        raise ValueError(f"unknown model {name!r}; known: {', '.join(MODEL_NAMES)}") from None
+    """Instantiate a model by name. Raises :class:`ConfigError` for an unknown name."""
+    if name not in _BUILDERS:
+        raise ConfigError(f"unknown model {name!r}; known: {', '.join(MODEL_NAMES)}")
+    return _BUILDERS[name](width)
 
 
 def count_parameters(model: nn.Module) -> int:

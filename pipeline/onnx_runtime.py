@@ -1,8 +1,10 @@
-"""onnxruntime sessions with honest provider selection.
+"""onnxruntime sessions with honest provider selection, and batched inference.
 
 ``onnxruntime-gpu`` lists ``CUDAExecutionProvider`` as available even on machines
 without a GPU, so the CUDA provider is only requested when a CUDA device is actually
 present, and the provider a session *got* is read back from ``session.get_providers()``.
+Models follow :mod:`pipeline.contract`; export, parity, quantize and the gate all feed
+them through :func:`onnx_logits`.
 """
 
 from __future__ import annotations
@@ -10,11 +12,18 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
+import numpy as np
+import numpy.typing as npt
 import onnxruntime as ort
 
+from pipeline.contract import IMAGE_SIDE, INPUT_NAME, LOGITS
 from pipeline.errors import ModelFileError
+
+Images = npt.NDArray[np.uint8]
+Labels = npt.NDArray[np.uint8]
+Logits = npt.NDArray[np.float32]
 
 Device = Literal["auto", "cpu", "cuda"]
 CUDA = "CUDAExecutionProvider"
@@ -63,3 +72,36 @@ def create_session(path: Path, device: Device = "auto", intra_op_threads: int = 
     except (RuntimeError, ort.capi.onnxruntime_pybind11_state.Fail) as err:
         raise ModelFileError(f"{path}: onnxruntime cannot load it: {err}") from err
     return Session(session=sess, provider=sess.get_providers()[0])
+
+
+def as_input(images: npt.NDArray[Any]) -> npt.NDArray[np.float32]:
+    """``(N, 28, 28)`` pixels (uint8 or float, 0..255) -> ``(N, 1, 28, 28)`` float32."""
+    arr = np.asarray(images)
+    if arr.ndim != 3 or arr.shape[1:] != (IMAGE_SIDE, IMAGE_SIDE):
+        raise ValueError(f"images must be (N, {IMAGE_SIDE}, {IMAGE_SIDE}), got {arr.shape}")
+    return np.ascontiguousarray(arr, dtype=np.float32).reshape(-1, 1, IMAGE_SIDE, IMAGE_SIDE)
+
+
+def onnx_logits(session: Session, images: Images, batch_size: int) -> Logits:
+    """onnxruntime logits ``(N, 10) float32``, feeding ``batch_size`` images per run."""
+    out = [
+        session.session.run([LOGITS], {INPUT_NAME: as_input(images[i : i + batch_size])})[0]
+        for i in range(0, len(images), batch_size)
+    ]
+    return np.concatenate(out).astype(np.float32, copy=False)
+
+
+def accuracy(logits: Logits, labels: Labels) -> float:
+    """Share of rows whose argmax is the label; ``logits`` ``(N, 10)``, ``labels`` ``(N,)``."""
+    if len(logits) != len(labels):
+        raise ValueError(f"{len(logits)} predictions for {len(labels)} labels")
+    if len(labels) == 0:
+        raise ValueError("accuracy of an empty set is undefined")
+    return float(np.mean(logits.argmax(axis=1) == np.asarray(labels)))
+
+
+def onnx_accuracy(
+    path: Path, images: Images, labels: Labels, batch_size: int = 1000, device: Device = "cpu"
+) -> float:
+    """Test accuracy of the ONNX file at ``path`` through onnxruntime."""
+    return accuracy(onnx_logits(create_session(path, device), images, batch_size), labels)

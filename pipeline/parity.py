@@ -1,8 +1,8 @@
 """Parity of the exported ONNX graph with the PyTorch model it came from.
 
 Both sides get the same raw pixels (``(N, 1, 28, 28) float32`` in ``[0, 255]``); the
-PyTorch reference is :class:`pipeline.export.RawPixelClassifier`, the very module that
-was exported. onnxruntime runs the whole set at every batch size in
+PyTorch reference is :class:`pipeline.model_io.RawPixelClassifier`, the very module
+that was exported. onnxruntime runs the whole set at every batch size in
 ``export.parity_batch_sizes`` (a dynamic batch axis that breaks at 1 or at an odd size
 shows up here). Passing needs ``max |logit_onnx - logit_torch| <= atol`` and 100%
 argmax agreement at every batch size.
@@ -17,63 +17,32 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 import torch
 
-from pipeline.atomic import sha256_file, write_json
+from pipeline.atomic import sha256_file
 from pipeline.errors import ModelFileError
-from pipeline.model_io import LoadedModel
-from pipeline.onnx_runtime import Device, Session, create_session
-
-Images = npt.NDArray[np.uint8]
-Labels = npt.NDArray[np.uint8]
-Logits = npt.NDArray[np.float32]
-
-
-def as_input(images: npt.NDArray[Any]) -> npt.NDArray[np.float32]:
-    """``(N, 28, 28)`` pixels (uint8 or float, 0..255) -> ``(N, 1, 28, 28)`` float32."""
-    arr = np.asarray(images)
-    if arr.ndim != 3 or arr.shape[1:] != (28, 28):
-        raise ValueError(f"images must be (N, 28, 28), got {arr.shape}")
-    return np.ascontiguousarray(arr, dtype=np.float32).reshape(-1, 1, 28, 28)
+from pipeline.model_io import LoadedModel, wrap
+from pipeline.onnx_runtime import (
+    Device,
+    Images,
+    Labels,
+    Logits,
+    accuracy,
+    as_input,
+    create_session,
+    onnx_logits,
+)
 
 
 @torch.no_grad()
 def torch_logits(model: LoadedModel, images: Images, batch_size: int = 1000) -> Logits:
     """PyTorch logits ``(N, 10) float32`` of raw ``(N, 28, 28)`` pixels, on the CPU."""
-    from pipeline.export import wrap
-
     module = wrap(model)
     out = [
         module(torch.from_numpy(as_input(images[i : i + batch_size])))[0].numpy()
         for i in range(0, len(images), batch_size)
     ]
     return np.concatenate(out).astype(np.float32, copy=False)
-
-
-def onnx_logits(session: Session, images: Images, batch_size: int) -> Logits:
-    """onnxruntime logits ``(N, 10) float32``, feeding ``batch_size`` images per run."""
-    sess = session.session
-    out = [
-        sess.run(["logits"], {"image": as_input(images[i : i + batch_size])})[0]
-        for i in range(0, len(images), batch_size)
-    ]
-    return np.concatenate(out).astype(np.float32, copy=False)
-
-
-def accuracy(logits: Logits, labels: Labels) -> float:
-    if len(logits) != len(labels):
-        raise ValueError(f"{len(logits)} predictions for {len(labels)} labels")
-    if len(labels) == 0:
-        raise ValueError("accuracy of an empty set is undefined")
-    return float(np.mean(logits.argmax(axis=1) == np.asarray(labels)))
-
-
-def onnx_accuracy(
-    path: Path, images: Images, labels: Labels, batch_size: int = 1000, device: Device = "cpu"
-) -> float:
-    """Test accuracy of the ONNX file at ``path`` through onnxruntime."""
-    return accuracy(onnx_logits(create_session(path, device), images, batch_size), labels)
 
 
 @dataclass(frozen=True)
@@ -149,7 +118,7 @@ def check_parity(
     want = reference.argmax(axis=1)
     session = create_session(Path(onnx_path), device)
     results = []
-    ort_logits: Logits | None = None
+    outputs: list[Logits] = []
     for bs in batch_sizes:
         t0 = time.perf_counter()
         got = onnx_logits(session, images, int(bs))
@@ -161,18 +130,13 @@ def check_parity(
         results.append(
             BatchParity(int(bs), diff, agree, round(seconds, 4), diff <= atol and agree == 1.0)
         )
-        ort_logits = got if ort_logits is None else ort_logits
-    assert ort_logits is not None  # batch_sizes is non-empty
+        outputs.append(got)
     return ParityReport(
         onnx_sha256=sha256_file(Path(onnx_path)),
         n=len(images),
         atol=float(atol),
         provider=session.provider,
         torch_accuracy=accuracy(reference, labels),
-        onnx_accuracy=accuracy(ort_logits, labels),
+        onnx_accuracy=accuracy(outputs[0], labels),
         batches=tuple(results),
     )
-
-
-def write_parity_report(path: Path, report: dict[str, Any]) -> Path:
-    return write_json(Path(path), report)

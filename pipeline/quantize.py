@@ -28,13 +28,13 @@ from onnxruntime.quantization import (
 )
 
 from pipeline.atomic import write_bytes
+from pipeline.contract import INPUT_NAME
 from pipeline.errors import ModelFileError
-from pipeline.onnx_runtime import create_session
-from pipeline.parity import accuracy, as_input, onnx_logits
+from pipeline.onnx_runtime import accuracy, as_input, create_session, onnx_logits
 
 
 class PixelReader(CalibrationDataReader):
-    """Feeds ``(N, 28, 28) uint8`` calibration images to the ``image`` input in batches."""
+    """Feeds ``(N, 28, 28) uint8`` calibration images to the model input in batches."""
 
     def __init__(self, images: npt.NDArray[np.uint8], batch_size: int = 64) -> None:
         self._batches = iter(
@@ -43,7 +43,7 @@ class PixelReader(CalibrationDataReader):
 
     def get_next(self) -> dict[str, npt.NDArray[np.float32]] | None:
         batch = next(self._batches, None)
-        return None if batch is None else {"image": batch}
+        return None if batch is None else {INPUT_NAME: batch}
 
 
 def calibration_sample(images: npt.NDArray[np.uint8], n: int, seed: int) -> npt.NDArray[np.uint8]:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
-import json
 import logging
 import os
 import shutil
@@ -35,13 +34,14 @@ from typing import Any
 
 from pipeline.atomic import atomic_dir, replace_dir, sha256_file, write_json, write_text
 from pipeline.config import Config
+from pipeline.contract import MODEL_CARD_JSON as CARD_JSON
+from pipeline.contract import MODEL_CARD_MD as CARD_MD
+from pipeline.contract import MODEL_FILE
 from pipeline.errors import PromotionError
+from pipeline.json_io import read_json
 
 log = logging.getLogger("pipeline.registry")
 
-MODEL_FILE = "model.onnx"
-CARD_JSON = "model_card.json"
-CARD_MD = "model_card.md"
 PLACEHOLDER = "NO_PREVIOUS_MODEL.txt"
 
 _AT_FDCWD = -100
@@ -108,25 +108,13 @@ def _staging_dir(dest: Path) -> Iterator[Path]:
             shutil.rmtree(tmp)
 
 
-def _read_json(path: Path, what: str) -> dict[str, Any]:
-    if not path.is_file():
-        raise PromotionError(f"{path}: {what} missing")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise PromotionError(f"{path}: {what} is not valid JSON: {err}") from err
-    if not isinstance(data, dict):
-        raise PromotionError(f"{path}: {what} must be a JSON object")
-    return data
-
-
 def _optional_json(path: Path) -> dict[str, Any]:
-    return _read_json(path, "report") if Path(path).is_file() else {}
+    return read_json(path, "report") if Path(path).is_file() else {}
 
 
 def check_gate(report_path: Path, candidate: Path) -> dict[str, Any]:
     """The gate report, if it passed *this* candidate; else :class:`PromotionError`."""
-    report = _read_json(Path(report_path), "gate report (run the gate stage first)")
+    report = read_json(report_path, "gate report", "run the gate stage first")
     if report.get("passed") is not True:
         reasons = "; ".join(report.get("reasons", [])) or "no reasons recorded"
         raise PromotionError(f"{report_path}: the gate did not pass ({reasons})")
@@ -255,7 +243,7 @@ def promote(cfg: Config) -> dict[str, Any]:
     current = prod / MODEL_FILE
     if current.is_file() and sha256_file(current) == gate["candidate_sha256"]:
         log.info("promote: %s is already the production model", candidate)
-        return _read_json(prod / CARD_JSON, "model card") if (prod / CARD_JSON).is_file() else {}
+        return _optional_json(prod / CARD_JSON)
     with _staging_dir(prod) as staging:
         staged = staging / MODEL_FILE
         shutil.copyfile(candidate, staged)

@@ -7,10 +7,10 @@ reaches ``data/`` until all four are verified (see :mod:`pipeline.ingest`).
 from __future__ import annotations
 
 import hashlib
+import http.client
 import logging
 import shutil
 import time
-import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -119,13 +119,15 @@ def download(
     timeout_s: float = 60.0,
     backoff_s: float = 1.0,
 ) -> Path:
-    """Fetch ``spec`` from the first mirror that serves it intact, with retries and a bar.
+    """Fetch ``spec`` from the first of ``mirrors`` (base URLs) that serves it intact.
 
-    Each attempt downloads to ``staging`` and is verified; a corrupt download counts as a
-    failed attempt. Raises :class:`DownloadError` listing every attempt's failure.
+    The pipeline's only retry layer: each mirror gets ``retries`` attempts, ``backoff_s``,
+    ``2 * backoff_s``, ... apart. Each attempt downloads to ``staging`` and is verified; an
+    HTTP error, a dropped connection or a corrupt download is a failed attempt (logged).
+    Raises :class:`DownloadError` naming the file, the attempts and the last failure.
     """
     dest = staging / spec.name
-    failures: list[str] = []
+    last = "no mirrors configured"
     for mirror in mirrors:
         url = mirror.rstrip("/") + "/" + spec.name
         for attempt in range(1, retries + 1):
@@ -133,13 +135,16 @@ def download(
                 _fetch(url, dest, spec, timeout_s)
                 verify_file(dest, spec, origin=url)
                 return dest
-            except (urllib.error.URLError, OSError, ChecksumError) as err:
-                failures.append(f"{url} (attempt {attempt}): {err}")
-                log.warning("download failed: %s: %s", url, err)
+            except (OSError, http.client.HTTPException, ChecksumError) as err:
+                last = f"{url}: {err}"
+                log.warning("download attempt %d/%d failed: %s", attempt, retries, last)
                 dest.unlink(missing_ok=True)
                 if attempt < retries:
                     time.sleep(backoff_s * 2 ** (attempt - 1))
-    raise DownloadError(f"{spec.name}: every mirror failed:\n  " + "\n  ".join(failures))
+    raise DownloadError(
+        f"{spec.name}: {len(mirrors) * retries} download attempts failed "
+        f"({len(mirrors)} mirrors x {retries}); last: {last}"
+    )
 
 
 def _fetch(url: str, dest: Path, spec: FileSpec, timeout_s: float) -> None:

@@ -7,7 +7,6 @@ on the ``[0, 1]`` scale (pixel / 255), which is what training normalises with.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ import pandas as pd
 
 from pipeline.dataset import SPLITS, SplitArrays, load_split
 from pipeline.errors import SourceError
+from pipeline.json_io import read_json
 
 NUM_CLASSES = 10
 INTENSITY_BINS = 16
@@ -124,11 +124,7 @@ def build_reference_profile(table: pd.DataFrame) -> dict[str, Any]:
 
 
 def read_stats(stats_path: Path) -> dict[str, Any]:
-    path = Path(stats_path)
-    if not path.is_file():
-        raise SourceError(f"{path}: dataset statistics missing; run the validate stage first")
-    data: dict[str, Any] = json.loads(path.read_text())
-    return data
+    return read_json(stats_path, "dataset statistics", "run the validate stage first")
 
 
 def read_normalization(stats_path: Path) -> tuple[float, float]:

@@ -1,19 +1,17 @@
 """The train stage: a fast, reproducible, resumable training loop.
 
-Data path: the training images stay ONE ``uint8`` tensor on the device; every epoch
-draws a permutation from an explicit ``torch.Generator`` and batches are index slices
-of it. Conversion to float, augmentation and normalisation happen per batch on the
-device (:mod:`pipeline.augment`). There is no DataLoader and no per-sample Python.
+The training images stay ONE ``uint8`` tensor on the device; every epoch draws a
+permutation from an explicit ``torch.Generator`` and batches are index slices of it,
+converted, augmented and normalised per batch on the device (:mod:`pipeline.augment`).
+A validation split (``train.val_size``, seeded) is carved out of the training set; the
+test set is never loaded here.
 
-A validation split (``train.val_size`` images, chosen from the seed) is carved out
-of the training set for monitoring and reporting; the test set is never loaded here.
-
-The pieces, in the style of torchvision's classification reference: :func:`train_one_epoch`,
-:func:`evaluate` and the loop :func:`fit` (file-free; a per-epoch callback may stop it).
-:func:`run_train_stage` wires ``fit`` to params and files. It writes nothing but the
-per-epoch checkpoint until training is over; then the model, the dvclive directory and
-the run info are staged beside their destinations and renamed into place together, so
-a kill or Ctrl-C at any earlier moment leaves the previous outputs as they were.
+As in torchvision's classification reference: :func:`train_one_epoch`, :func:`evaluate`
+and the loop :func:`fit` (file-free; a per-epoch callback may stop it).
+:func:`run_train_stage` writes nothing but the per-epoch checkpoint until training is
+over; then the model, the dvclive directory and the run info are staged beside their
+destinations and renamed into place together, so a kill at any earlier moment leaves
+the previous outputs as they were.
 """
 
 from __future__ import annotations
@@ -22,7 +20,6 @@ import contextlib
 import math
 import os
 import platform
-import random
 import resource
 import signal
 import sys
@@ -74,7 +71,6 @@ class EpochRecord:
     seconds: float
 
 
-# Called after every epoch (after its checkpoint); returning True stops training there.
 EpochCallback = Callable[[EpochRecord], bool | None]
 
 
@@ -110,11 +106,8 @@ class Trainer:
         return self.ema.module if self.ema is not None else self.model
 
     def state_dict(self) -> dict[str, Any]:
-        rng: dict[str, Any] = {
-            "torch": torch.get_rng_state(),
-            "data": self.data_gen.get_state(),
-            "python": random.getstate(),
-        }
+        # Python's random and NumPy's global RNG are not used by training: not stored.
+        rng = {"torch": torch.get_rng_state(), "data": self.data_gen.get_state()}
         if next(self.model.parameters()).is_cuda:
             rng["cuda"] = torch.cuda.get_rng_state()
         return {
@@ -134,14 +127,8 @@ class Trainer:
         rng = state["rng"]
         torch.set_rng_state(rng["torch"])
         self.data_gen.set_state(rng["data"])
-        # random.setstate wants tuples; torch.save keeps them, but be strict.
-        random.setstate(_tuples(rng["python"]))
         if "cuda" in rng and next(self.model.parameters()).is_cuda:
             torch.cuda.set_rng_state(rng["cuda"])
-
-
-def _tuples(obj: Any) -> Any:
-    return tuple(_tuples(v) for v in obj) if isinstance(obj, list | tuple) else obj
 
 
 def split_train_val(
@@ -200,7 +187,6 @@ def build_trainer(
 ) -> Trainer:
     """Seed everything, build model, EMA, optimiser and schedule on ``device``."""
     torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
     data_gen = torch.Generator().manual_seed(cfg.seed + 1)
     model = build_model(cfg.model, cfg.width).to(device)
     if cfg.channels_last:
@@ -248,14 +234,8 @@ def train_one_epoch(
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.int64)
     first_bad = torch.full((), -1, device=device, dtype=torch.int64)
-    bar = tqdm(
-        total=steps,
-        desc=f"epoch {epoch}/{cfg.epochs}",
-        unit="batch",
-        file=sys.stderr,
-        disable=not progress,
-        dynamic_ncols=True,
-    )
+    desc = f"epoch {epoch}/{cfg.epochs}"
+    bar = tqdm(total=steps, desc=desc, unit="batch", file=sys.stderr, disable=not progress)
     for step in range(steps):
         idx = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]
         x = prepare_batch(images[idx], mean, std, cfg.augment, t.data_gen)
@@ -356,11 +336,8 @@ def fit(
     t_setup = time.perf_counter()
     device = select_device(cfg.device, torch.cuda.is_available)  # looked up now: tests fake it
     runtime = configure_runtime(device, cfg.num_threads, cfg.amp, cfg.channels_last, cfg.compile)
-    if cfg.max_train_samples is not None and cfg.max_train_samples < len(arrays):
-        arrays = SplitArrays(
-            images=arrays.images[: cfg.max_train_samples],
-            labels=arrays.labels[: cfg.max_train_samples],
-        )
+    n_max = cfg.max_train_samples  # None: all
+    arrays = SplitArrays(images=arrays.images[:n_max], labels=arrays.labels[:n_max])
     train_np, val_np = split_train_val(arrays, cfg.val_size, cfg.seed)
     if len(train_np) < cfg.batch_size:
         raise ConfigError(
@@ -388,7 +365,6 @@ def fit(
         raise ConfigError("resume requested but no checkpoint directory given")
     setup_seconds = time.perf_counter() - t_setup
 
-    stopped = False
     for epoch in range(len(history) + 1, cfg.epochs + 1):
         t0 = time.perf_counter()
         loss, acc, ips = train_one_epoch(t, x_train, y_train, mean, std, epoch, progress)
@@ -408,17 +384,16 @@ def fit(
             state = {**t.state_dict(), "epoch": epoch, "history": [asdict(r) for r in history]}
             save_checkpoint(checkpoint_dir, cfg_hash, state)
         if on_epoch is not None and on_epoch(record):
-            stopped = epoch < cfg.epochs
             break
 
     final = t.eval_model.to("cpu").to(memory_format=torch.contiguous_format).eval()
     train_seconds = sum(r.seconds for r in history)
     n_images = len(history) * (len(train_np) // cfg.batch_size) * cfg.batch_size
-    last = history[-1] if history else None
+    last = history[-1]  # never empty: epochs >= 1, and a resumed run has its history
     metrics: dict[str, float | int] = {
-        "val_accuracy": last.val_accuracy if last else math.nan,
-        "val_loss": last.val_loss if last else math.nan,
-        "train_loss": last.train_loss if last else math.nan,
+        "val_accuracy": last.val_accuracy,
+        "val_loss": last.val_loss,
+        "train_loss": last.train_loss,
         "train_seconds": round(train_seconds, 3),
         "images_per_second": round(n_images / train_seconds, 1) if train_seconds > 0 else 0.0,
         "parameters": count_parameters(final),
@@ -432,7 +407,7 @@ def fit(
         "seed": cfg.seed,
         "ema": cfg.ema_decay > 0,
         "epochs_planned": cfg.epochs,
-        "completed": not stopped and len(history) == cfg.epochs,
+        "completed": len(history) == cfg.epochs,
         "train_images": len(train_np),
         "val_images": len(val_np),
         "setup_seconds": round(setup_seconds, 3),

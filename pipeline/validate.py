@@ -28,6 +28,7 @@ import pandas as pd
 from pipeline.atomic import atomic_dir, write_json
 from pipeline.config import ValidateConfig
 from pipeline.errors import DataValidationError, SourceError
+from pipeline.json_io import read_json
 from pipeline.stats import NUM_CLASSES, compute_stats
 
 log = logging.getLogger(__name__)
@@ -52,12 +53,7 @@ class ValidationResult:
 
 
 def load_reference(path: Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise SourceError(
-            f"{path}: reference profile missing (see scripts/make_reference_profile.py)"
-        )
-    profile: dict[str, Any] = json.loads(path.read_text())
+    profile = read_json(path, "reference profile", "see scripts/make_reference_profile.py")
     if set(profile.get("splits", {})) != {"train", "test"}:
         raise SourceError(f"{path}: reference profile must describe splits 'train' and 'test'")
     return profile

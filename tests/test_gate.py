@@ -20,7 +20,7 @@ from pipeline.export import export_onnx
 from pipeline.gate import accuracy_checks, decide, parity_check, run_gate_stage
 from pipeline.model_io import LoadedModel
 from pipeline.models import build_model
-from pipeline.parity import check_parity, write_parity_report
+from pipeline.parity import check_parity
 
 ROOT = Path(__file__).resolve().parents[1]
 GATE = GateConfig(min_accuracy=0.99, max_regression=0.002)
@@ -95,7 +95,7 @@ def test_parity_check_cases(tmp_path: Path) -> None:
     report = tmp_path / "parity.json"
     assert not parity_check(report, "abc").passed  # missing
     report.write_text("{not json")
-    assert "not JSON" in parity_check(report, "abc").message
+    assert "not valid JSON" in parity_check(report, "abc").message
     write_json(report, {"onnx_sha256": "other", "passed": True})
     assert "another ONNX file" in parity_check(report, "abc").message
     write_json(report, {"onnx_sha256": "abc", "passed": False})
@@ -136,7 +136,7 @@ def install_candidate(cfg: Config, model: LoadedModel, prepared: Path) -> Path:
     path = export_onnx(model, cfg.export.onnx_path)
     test = load_split(prepared, "test")
     report = check_parity(model, path, test.images, test.labels, batch_sizes=(1, 64))
-    write_parity_report(cfg.export.parity_path, report.to_dict())
+    write_json(cfg.export.parity_path, report.to_dict())
     return path
 
 
@@ -152,7 +152,7 @@ def test_stage_rejects_below_floor_and_writes_report(
     assert len(info.value.reasons) == 1 and "floor" in info.value.reasons[0]
 
     report = json.loads(cfg.gate.report_path.read_text())
-    assert report["passed"] is False
+    assert report["passed"] is False and report["decision"] == "rejected"
     assert report["candidate_sha256"] == sha256_file(cand)
     assert report["candidate_accuracy"] == pytest.approx(share[order[0]])
     assert report["production_sha256"] is None
@@ -226,6 +226,8 @@ def test_cli_exit_code_is_the_ci_signal(
     rejected = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, check=False)
     assert rejected.returncode != 0
     assert "GateRejected" in rejected.stderr and "floor" in rejected.stderr
+    errors = [line for line in rejected.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in rejected.stderr  # one clear line
     assert json.loads(cfg.gate.report_path.read_text())["passed"] is False
 
     accepted = subprocess.run(
@@ -236,4 +238,4 @@ def test_cli_exit_code_is_the_ci_signal(
         check=False,
     )
     assert accepted.returncode == 0, accepted.stderr
-    assert json.loads(cfg.gate.report_path.read_text())["passed"] is True
+    assert json.loads(cfg.gate.report_path.read_text())["decision"] == "accepted"

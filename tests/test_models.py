@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from pipeline.errors import ConfigError
 from pipeline.models import MODEL_NAMES, build_model, count_parameters
 
 
@@ -37,5 +38,5 @@ def test_seed_cnn_is_the_notebook_model() -> None:
 
 
 def test_unknown_model_name() -> None:
-    with pytest.raises(ValueError, match="unknown model"):
+    with pytest.raises(ConfigError, match="unknown model"):
         build_model("resnet")

@@ -13,15 +13,8 @@ from pipeline.errors import ModelFileError
 from pipeline.export import export_onnx, wrap
 from pipeline.model_io import LoadedModel
 from pipeline.models import build_model
-from pipeline.onnx_runtime import create_session
-from pipeline.parity import (
-    accuracy,
-    as_input,
-    check_parity,
-    onnx_accuracy,
-    onnx_logits,
-    torch_logits,
-)
+from pipeline.onnx_runtime import accuracy, as_input, create_session, onnx_accuracy, onnx_logits
+from pipeline.parity import check_parity, torch_logits
 
 MEAN, STD = 0.1307, 0.3081
 

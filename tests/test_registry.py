@@ -15,12 +15,12 @@ import pipeline.registry as registry
 from pipeline.atomic import sha256_file, write_json
 from pipeline.config import Config
 from pipeline.dataset import load_split
-from pipeline.errors import GateRejected, PromotionError
+from pipeline.errors import ArtifactError, GateRejected, PromotionError
 from pipeline.export import export_onnx, read_metadata
 from pipeline.gate import run_gate_stage
 from pipeline.model_io import LoadedModel
 from pipeline.models import build_model
-from pipeline.parity import check_parity, write_parity_report
+from pipeline.parity import check_parity
 from pipeline.registry import (
     CARD_JSON,
     CARD_MD,
@@ -89,7 +89,7 @@ def candidate(cfg: Config, model: Path, passed: bool = True) -> str:
 def test_promote_needs_a_gate_report(cfg: Config, models: dict[str, Path]) -> None:
     cfg.export.onnx_path.parent.mkdir(parents=True)
     shutil.copyfile(models["a"], cfg.export.onnx_path)
-    with pytest.raises(PromotionError, match="gate report"):
+    with pytest.raises(ArtifactError, match="gate report missing; run the gate stage"):
         promote(cfg)
     assert not cfg.registry.production_dir.exists()
 
@@ -98,7 +98,7 @@ def test_first_promote_installs_model_and_card(cfg: Config, models: dict[str, Pa
     sha = candidate(cfg, models["a"])
     test = load_split(cfg.data.prepared_dir, "test")
     parity = check_parity(random_model(0), cfg.export.onnx_path, test.images, test.labels, (1, 7))
-    write_parity_report(cfg.export.parity_path, parity.to_dict())
+    write_json(cfg.export.parity_path, parity.to_dict())
     write_json(cfg.evaluate.metrics_path, {"accuracy": 0.9951, "loss": 0.02, "n": 100})
 
     card = promote(cfg)
@@ -152,7 +152,7 @@ def test_gate_rejection_then_promote_changes_nothing(
     export_onnx(model_b, cfg.export.onnx_path)
     test = load_split(tiny_prepared, "test")
     report = check_parity(model_b, cfg.export.onnx_path, test.images, test.labels, (16,))
-    write_parity_report(cfg.export.parity_path, report.to_dict())
+    write_json(cfg.export.parity_path, report.to_dict())
     with pytest.raises(GateRejected):
         run_gate_stage(cfg)
     with pytest.raises(PromotionError, match="did not pass"):

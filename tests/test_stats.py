@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from pipeline.dataset import SplitArrays, load_split
-from pipeline.errors import SourceError
+from pipeline.errors import ArtifactError, SourceError
 from pipeline.stats import (
     build_reference_profile,
     compute_stats,
@@ -57,7 +57,7 @@ def test_labels_out_of_range_are_counted() -> None:
 
 
 def test_read_normalization_errors(tmp_path: Path) -> None:
-    with pytest.raises(SourceError, match="run the validate stage"):
+    with pytest.raises(ArtifactError, match="run the validate stage"):
         read_normalization(tmp_path / "missing.json")
     bad = tmp_path / "stats.json"
     bad.write_text(json.dumps({"train": {}}))

@@ -91,8 +91,8 @@ def test_labels_out_of_range_and_missing_class_fail(tmp_path: Path, mnist_prepar
 
 
 def test_missing_reference_profile_is_named(tmp_path: Path, mnist_prepared: Path) -> None:
-    from pipeline.errors import SourceError
+    from pipeline.errors import ArtifactError
 
     cfg = replace(vcfg(tmp_path), reference_profile=tmp_path / "nope.json")
-    with pytest.raises(SourceError, match="nope.json"):
+    with pytest.raises(ArtifactError, match="nope.json"):
         run_validation(mnist_prepared, cfg)

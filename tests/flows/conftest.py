@@ -73,7 +73,8 @@ STAGE_SCRIPT = textwrap.dedent(
         epochs = p["train"]["epochs"]
         Path("models/candidate").mkdir(parents=True, exist_ok=True)
         Path("models/candidate/model.pt").write_text(f"weights after {epochs} epochs\\n")
-        dump("metrics/train.json", {"epochs": epochs, "val_accuracy": 0.99, "seconds": 1.5})
+        dump("metrics/train/metrics.json", {"epochs": epochs, "val_accuracy": 0.99,
+                                            "train_seconds": 1.5})
     elif stage == "evaluate":
         dump("metrics/eval.json", {"accuracy": 0.995, "loss": 0.02, "n": 100, "errors": 1})
         dump("metrics/eval_per_class.json", {
@@ -129,7 +130,7 @@ DVC_YAML = textwrap.dedent(
         params: [profile, profiles, train]
         outs: [models/candidate/model.pt]
         metrics:
-          - metrics/train.json:
+          - metrics/train/metrics.json:
               cache: false
       evaluate:
         cmd: python stage.py evaluate
