@@ -171,7 +171,7 @@ def test_sweep_apply_runs_a_dvc_experiment(fake_project: Path) -> None:
     [rev] = exp["revs"]
     params = rev["data"]["params"]["params.yaml"]["data"]["train"]
     assert (params["lr"], params["epochs"], params["augment"]["max_shift_px"]) == (0.0421, 3, 1.5)
-    trained = json.loads((fake_project / "metrics" / "train.json").read_text())
+    trained = json.loads((fake_project / "metrics" / "train" / "metrics.json").read_text())
     assert trained["epochs"] == 3  # the fake train stage ran with the override
 
 
