@@ -32,14 +32,17 @@ sends it to every worker; trials receive it as an argument.
 
 Worker loss: Dask's scheduler re-runs a task whose worker died on another worker
 (``distributed.scheduler.allowed-failures`` times); when Dask gives up
-(``KilledWorker``), the driver submits the trial again, up to ``sweep.trial_retries``
-times. Every attempt announces itself (worker name) on the report queue, so the records
+(``KilledWorker``), or forgets the trial because every copy of the scattered data died
+with its workers (Dask's Active Memory Manager drops broadcast replicas that no task on
+that worker needs), the driver scatters again if needed and submits the trial again, up
+to ``sweep.trial_retries`` times. Each trial is placed on the worker with the fewest
+running trials per thread (Dask would queue two on a busy 1-thread worker).
+Every attempt announces itself (worker name) on the report queue, so the records
 show which trials were retried and where.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 import uuid
@@ -294,6 +297,7 @@ class _Running:
     record: TrialRecord
     train_cfg: TrainConfig
     reported: set[int] = field(default_factory=set)  # epochs told to the study
+    address: str | None = None  # the worker it was placed on
 
 
 def check_sweep(cfg: Config) -> dict[str, optuna.distributions.BaseDistribution]:
@@ -346,7 +350,7 @@ def run_sweep(
     Raises :class:`ConfigError` before any trial for a bad space and
     :class:`SweepError` if no trial completed.
     """
-    from distributed import Queue, wait
+    from distributed import Queue
     from distributed.scheduler import KilledWorker
     from optuna.trial import TrialState as OptunaState
 
@@ -360,7 +364,8 @@ def run_sweep(
     parallelism = sc.parallelism or sum(threads.values())
     channel = f"mnist-sweep-{uuid.uuid4().hex[:8]}"
     reports = Queue(f"{channel}-reports", client=client)
-    payload = client.scatter(data, broadcast=True, hash=False)
+    # A mutable cell: the data is scattered again if every copy was lost with its workers.
+    payload = [client.scatter(data, broadcast=True, hash=False)]
     if warm:
         # As tasks pinned to each worker (not client.run, which blocks the worker's event
         # loop for as long as the imports take).
@@ -378,8 +383,25 @@ def run_sweep(
 
     def submit(r: _Running) -> None:
         key = f"trial-{r.record.number}-{r.record.resubmitted}-{channel}"
+        # Dask may queue two tasks on a 1-thread worker while another idles
+        # (worker-saturation); a sweep wants one trial per free thread: prefer the
+        # worker with the fewest of our trials per thread (loosely: it may still move).
+        workers = client.scheduler_info()["workers"]
+        busy = {a: 0 for a in workers}
+        for other in running.values():
+            if other.address in busy:
+                busy[other.address] += 1
+        r.address = min(busy, key=lambda a: busy[a] / max(1, workers[a]["nthreads"]), default=None)
         fut = client.submit(
-            dask_trial, payload, r.train_cfg, r.record.number, channel, key=key, pure=False
+            dask_trial,
+            payload[0],
+            r.train_cfg,
+            r.record.number,
+            channel,
+            key=key,
+            pure=False,
+            workers=None if r.address is None else [r.address],
+            allow_other_workers=True,
         )
         running[fut] = r
 
@@ -457,13 +479,27 @@ def run_sweep(
             if not running:
                 break
             # Non-blocking drain (a blocking get that times out is logged by the scheduler),
-            # then wait for a trial to end or ``poll_s`` for the next epoch reports.
+            # then give the trials ``poll_s`` to report or end.
             for msg in reports.get(batch=True):
                 handle(msg)
-            with contextlib.suppress(TimeoutError):
-                wait(list(running), timeout=poll_s, return_when="FIRST_COMPLETED")
+            time.sleep(poll_s)
             for msg in reports.get(batch=True):
                 handle(msg)
+            lost = [f for f in running if f.status == "cancelled"]
+            if lost:
+                # The scheduler forgot them: the workers holding the data died (the Active
+                # Memory Manager may have dropped other copies). Scatter again, resubmit.
+                payload[0] = client.scatter(data, broadcast=True, hash=False)
+                for fut in lost:
+                    r = running.pop(fut)
+                    if r.record.resubmitted >= sc.trial_retries:
+                        r.record.state, r.record.error = "fail", "data lost with its workers"
+                        study.tell(r.trial, state=OptunaState.FAIL)
+                        emit(f"trial {r.record.number} failed: {r.record.error}")
+                        continue
+                    r.record.resubmitted += 1
+                    emit(f"trial {r.record.number}: its data was lost with a worker; resubmitting")
+                    submit(r)
             for fut in [f for f in running if f.done()]:
                 finish(fut, running.pop(fut))
     finally:

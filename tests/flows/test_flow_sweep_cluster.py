@@ -97,7 +97,9 @@ class Killer(threading.Thread):
                     for key in keys:
                         if str(key).startswith("trial-") and key not in seen:
                             seen.append(str(key))
-                    if len(seen) >= 2 and seen[-1] in map(str, keys):
+                    current = set(map(str, keys))
+                    # Its first trial finished, a later one running now.
+                    if len(seen) >= 2 and seen[0] not in current and seen[-1] in current:
                         time.sleep(1.0)  # into its first epochs
                         if seen[-1] in map(str, client.processing().get(addr, ())):
                             os.kill(self.proc.pid, signal.SIGKILL)
