@@ -24,7 +24,7 @@ from pipeline.atomic import write_bytes
 from pipeline.config import TrainConfig, to_dict
 from pipeline.errors import CheckpointError
 
-FORMAT = "mnist-mlops/checkpoint-v1"
+FORMAT = "mnist-mlops/checkpoint-v2"  # v2: history has images_per_second, no Python RNG
 FILENAME = "last.pt"
 
 # Output locations do not change what is trained; everything else does.

@@ -52,7 +52,7 @@ def test_missing_corrupt_and_foreign_files_are_refused(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="unreadable"):
         load_checkpoint(tmp_path, "abc")
     torch.save({"format": "something-else"}, checkpoint_path(tmp_path))
-    with pytest.raises(CheckpointError, match="not a mnist-mlops/checkpoint-v1"):
+    with pytest.raises(CheckpointError, match="not a mnist-mlops/checkpoint-v2"):
         load_checkpoint(tmp_path, "abc")
 
 
