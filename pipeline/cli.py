@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from pipeline.config import Config, config_from_dict, load_config, parse_params
-from pipeline.errors import ConfigError, PipelineError
+from pipeline.errors import ConfigError, OrchestrationError, PipelineError
 
 log = logging.getLogger("pipeline")
 
@@ -159,6 +159,27 @@ def _predict(cfg: Config, args: argparse.Namespace) -> None:
     predict_files(cfg, [Path(p) for p in args.files], model=args.model)
 
 
+def _sweep_apply(cfg: Config, args: argparse.Namespace) -> None:
+    from pipeline.sweep_apply import (
+        check_override,
+        command_line,
+        dvc_exp_command,
+        read_override,
+        run_command,
+    )
+
+    overrides = read_override(args.override)
+    repo = Path(args.params).resolve().parent
+    check_override(repo, overrides)
+    argv = dvc_exp_command(overrides, args.name)
+    print(command_line(argv), flush=True)
+    if args.dry_run:
+        return
+    code = run_command(argv, repo)
+    if code != 0:
+        raise OrchestrationError(f"`{command_line(argv)}` failed with exit status {code}")
+
+
 Handler = Callable[[Config, argparse.Namespace], None]
 
 STAGES: dict[str, tuple[Handler, str]] = {
@@ -177,6 +198,7 @@ STAGES: dict[str, tuple[Handler, str]] = {
     "remotes": (_remotes, "check that the git and DVC remotes are configured and reachable"),
     "serve": (_serve, "HTTP inference service on the production model"),
     "predict": (_predict, "classify image files with the production model"),
+    "sweep-apply": (_sweep_apply, "run a sweep's best override file as a DVC experiment"),
 }
 
 
@@ -254,6 +276,13 @@ def build_parser() -> argparse.ArgumentParser:
     parsers["predict"].add_argument("files", nargs="+", help="PNG/JPEG files")
     parsers["predict"].add_argument(
         "--model", type=Path, help="ONNX model (default: the production model)"
+    )
+    parsers["sweep-apply"].add_argument(
+        "override", type=Path, help="override file, e.g. reports/sweep/best.yaml"
+    )
+    parsers["sweep-apply"].add_argument("-n", "--name", help="name of the DVC experiment")
+    parsers["sweep-apply"].add_argument(
+        "--dry-run", action="store_true", help="print the dvc command, do not run it"
     )
     return parser
 

@@ -24,7 +24,14 @@ from dataclasses import asdict, fields, is_dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_type_hints
 
-from pydantic import BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic.dataclasses import dataclass
 
 from pipeline.errors import ConfigError
@@ -228,6 +235,134 @@ class FlowConfig:
     push_to_remote: bool = True
 
 
+# Train settings a sweep may not vary: they change what is measured (the val split,
+# the data), where files go, or the runtime rather than the model.
+SWEEP_FIXED = frozenset(
+    {
+        "seed", "val_size", "max_train_samples", "eval_batch_size", "device", "num_threads",
+        "checkpoint_dir", "model_path", "live_dir", "run_info_path",
+    }
+)  # fmt: skip
+
+
+@dataclass(frozen=True, config=_STRICT)
+class SweepParam:
+    """One dimension of the search space: a range (``low``..``high``) or ``choices``.
+
+    A range is sampled as the train setting's type (int or float); ``log`` samples on a
+    log scale (``low`` > 0); ``step`` quantises (not with ``log``). Booleans and strings
+    (``optimizer``, ``augment.enabled``) take ``choices`` only.
+    """
+
+    low: int | float | None = None
+    high: int | float | None = None
+    log: bool = False
+    step: Annotated[int | float, Field(gt=0)] | None = None
+    choices: tuple[bool | int | float | str, ...] | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> SweepParam:
+        ranged = self.low is not None or self.high is not None
+        if self.choices is not None:
+            if ranged or self.log or self.step is not None:
+                raise ValueError("give either choices or low/high (with log/step), not both")
+            if not self.choices:
+                raise ValueError("choices: must not be empty")
+            return self
+        if self.low is None or self.high is None:
+            raise ValueError("needs low and high (a range) or choices")
+        if self.low > self.high:
+            raise ValueError(f"low {self.low} exceeds high {self.high}")
+        if self.log and self.low <= 0:
+            raise ValueError(f"log scale needs low > 0, got {self.low}")
+        if self.log and self.step is not None:
+            raise ValueError("log and step cannot be combined")
+        return self
+
+
+@dataclass(frozen=True, config=_STRICT)
+class SweepConfig:
+    """The hyperparameter sweep (``flows/sweep.py``, ``pipeline/sweep.py``).
+
+    ``space`` maps a train setting (dotted below ``train``: ``lr``, ``augment.max_shift_px``)
+    to its :class:`SweepParam`; every other train setting is the base config's. Trials run on
+    Dask: ``dask_address`` (``tcp://host:8786``; the flow's parameter or the environment
+    variable ``MNIST_DASK_ADDRESS`` win over it) or, when null, an embedded LocalCluster
+    of ``local_workers`` processes (0 = one per CPU core).
+    """
+
+    trials: PosInt = 20
+    parallelism: NonNegInt = 0  # trials at a time; 0 = the cluster's worker threads
+    timeout_s: PosFloat | None = None  # no new trial starts after this (running ones finish)
+    seed: NonNegInt = 0  # TPE sampler seed
+    pruner: Literal["median", "halving", "none"] = "median"
+    pruner_startup_trials: NonNegInt = 4  # finished trials before pruning starts (median)
+    pruner_warmup_epochs: NonNegInt = 1  # epochs a trial always gets (median; halving's min)
+    trial_threads: PosInt = 1  # torch threads per trial = threads per local Dask worker
+    trial_retries: NonNegInt = 2  # re-submissions of a trial whose workers kept dying
+    dask_address: str | None = None
+    connect_timeout_s: PosFloat = 10.0
+    local_workers: NonNegInt = 0
+    report_dir: PathField = Path("reports/sweep")  # trials.csv/json, plots, best.yaml
+    space: dict[str, SweepParam] = Field(default_factory=dict)
+
+    @field_validator("space", mode="before")
+    @classmethod
+    def _build_space(cls, value: Any) -> Any:
+        # Strict dataclasses take no mappings: build each entry, errors naming its key.
+        if not isinstance(value, Mapping):
+            return value
+        out: dict[str, SweepParam] = {}
+        for key, entry in value.items():
+            if isinstance(entry, SweepParam):  # dataclasses.replace passes built entries
+                out[key] = entry
+                continue
+            if not isinstance(entry, Mapping):
+                raise ConfigError(f"sweep.space.{key}: must be a mapping (low/high or choices)")
+            try:
+                out[key] = SweepParam(**entry)
+            except (ValidationError, TypeError) as err:
+                detail = _format_errors(err) if isinstance(err, ValidationError) else str(err)
+                raise ConfigError(f"invalid parameters: sweep.space.{key}: {detail}") from err
+        return out
+
+    @model_validator(mode="after")
+    def _check_space(self) -> SweepConfig:
+        # An empty space is legal here (other stages must still load); the sweep refuses it.
+        for key, param in self.space.items():
+            _check_sweep_param(key, param)
+        return self
+
+
+def _check_sweep_param(key: str, param: SweepParam) -> None:
+    """``key`` must name a tunable train setting, and every bound/choice be valid for it."""
+    node: Any = TrainConfig()
+    *parents, leaf = key.split(".")
+    for part in parents:
+        node = getattr(node, part, None)
+    if not (is_dataclass(node) and leaf in node.__dataclass_fields__):
+        raise ValueError(f"sweep.space.{key}: unknown parameter (not a setting of train)")
+    default = getattr(node, leaf)
+    if key in SWEEP_FIXED or is_dataclass(default) or isinstance(default, tuple):
+        raise ValueError(f"sweep.space.{key}: not tunable by a sweep")
+    if param.choices is None and (isinstance(default, bool | str) or default is None):
+        raise ValueError(f"sweep.space.{key}: takes choices, not a range")
+    if param.choices is None and isinstance(default, int):
+        for name, value in (("low", param.low), ("high", param.high), ("step", param.step)):
+            if value is not None and not isinstance(value, int):
+                raise ValueError(f"sweep.space.{key}: an integer setting needs an integer {name}")
+    values: tuple[Any, ...] = (
+        param.choices if param.choices is not None else (param.low, param.high)
+    )
+    for value in values:
+        tree = to_dict(TrainConfig())
+        _set_dotted(tree, key, value)
+        try:
+            _build(TrainConfig, _tuples(tree), "train.")
+        except ConfigError as err:
+            raise ValueError(f"sweep.space.{key}: {value!r} is not a valid value: {err}") from None
+
+
 @dataclass(frozen=True, config=_STRICT)
 class Config:
     profile: str = "default"  # the name of the conf/profile/ file params.yaml was composed with
@@ -240,6 +375,7 @@ class Config:
     registry: RegistryConfig = RegistryConfig()
     serve: ServeConfig = ServeConfig()
     flow: FlowConfig = FlowConfig()
+    sweep: SweepConfig = SweepConfig()
 
     @model_validator(mode="after")
     def _check_ranges(self) -> Config:

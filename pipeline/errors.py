@@ -103,3 +103,11 @@ class RegistryError(PipelineError):
 
 class RemoteUnreachable(RegistryError):
     """A git or DVC remote is missing from the configuration or cannot be reached."""
+
+
+class ClusterError(PipelineError):
+    """The Dask cluster of a sweep is unreachable, has no workers, or lost every trial."""
+
+
+class SweepError(PipelineError):
+    """A hyperparameter sweep ended without a single completed trial."""

@@ -107,7 +107,7 @@ def guarded_run(params_path: Path, argv: Sequence[str]) -> int:
     import subprocess
 
     before = Path(params_path).read_bytes()
-    rc = subprocess.run(list(argv), check=False).returncode
+    rc = subprocess.run(list(argv), cwd=Path(params_path).parent, check=False).returncode
     if rc != 0 and Path(params_path).read_bytes() != before:
         write_bytes(Path(params_path), before)
         print(f"{params_path}: restored (the command failed with exit code {rc})", flush=True)
