@@ -404,7 +404,7 @@ class Config:
 
 
 # Sections that say where and how things run, not what is computed.
-_NOT_RESULTS = frozenset({"profile", "data", "registry", "serve", "flow"})
+_NOT_RESULTS = frozenset({"profile", "data", "registry", "serve", "flow", "sweep"})
 
 
 def result_params(cfg: Config) -> dict[str, Any]:
@@ -574,6 +574,8 @@ def to_dict_value(v: Any) -> Any:
         return [to_dict_value(x) for x in v]
     if isinstance(v, dict):
         return {k: to_dict_value(x) for k, x in v.items()}
+    if is_dataclass(v) and not isinstance(v, type):
+        return to_dict_value(asdict(v))
     return v
 
 
