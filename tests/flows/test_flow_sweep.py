@@ -32,6 +32,7 @@ def sweep_repo(mnist_prepared: Path, tmp_path: Path) -> Path:
     prepared = repo / "data" / "prepared"
     prepared.mkdir(parents=True)
     shutil.copyfile(ROOT / "params.yaml", repo / "params.yaml")
+    shutil.copytree(ROOT / "conf", repo / "conf")  # sweep-apply composes like dvc exp run
     for path in (images_path, labels_path):
         np.save(path(prepared, "train"), np.load(path(mnist_prepared, "train"))[:3000])
     stats = repo / "metrics" / "data_stats.json"
