@@ -32,7 +32,14 @@ from pipeline.abstention import (
     probe_report,
     selective,
 )
-from pipeline.calibration import CalibrationReport, calibrate, reliability, softmax
+from pipeline.calibration import (
+    CalibrationReport,
+    Reliability,
+    calibrate,
+    reliability,
+    reliability_png,
+    softmax,
+)
 from pipeline.config import GateConfig, QualityConfig
 from pipeline.errors import ConfigError
 from pipeline.perturb import FAMILY_NAMES, Predict, SuiteResult, run_suite
@@ -48,6 +55,8 @@ class QualityReport:
     test: Selective  # that threshold on the test split
     probes: ProbeReport
     severity: int
+    reliability_before: Reliability  # test split, before temperature scaling
+    reliability_after: Reliability
 
     def metrics(self) -> dict[str, Any]:
         """Numbers only, nested (dvclive summary / metrics JSON)."""
@@ -137,17 +146,153 @@ def assess(
     probe = probe_report(lambda im: softmax(_logits(predict, im), t), probes, thr.threshold)
     n = cfg.n_images or len(test_y)
     suite = run_suite(predict, test_images[:n], test_y[:n], seed=cfg.seed, device=device)
-    return QualityReport(suite, cal, thr, test_sel, probe, cfg.severity)
+    bins = cfg.calibration_bins
+    return QualityReport(
+        suite,
+        cal,
+        thr,
+        test_sel,
+        probe,
+        cfg.severity,
+        reliability(softmax(test_z), test_y, bins),
+        reliability(test_p, test_y, bins),
+    )
 
 
-def reliability_rows(
-    logits: npt.ArrayLike, labels: npt.ArrayLike, temperature: float, bins: int
-) -> dict[str, list[dict[str, float | int]]]:
-    """Reliability-diagram rows before and after temperature scaling (for plots)."""
-    return {
-        "before": reliability(softmax(logits), labels, bins).rows(),
-        "after": reliability(softmax(logits, temperature), labels, bins).rows(),
-    }
+def robustness_png(suite: SuiteResult, title: str) -> bytes:
+    """Accuracy against severity (0 = clean) per family, three panels by group, as PNG."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from pipeline.perturb import get_family
+
+    groups = ("geometric", "photometric", "shape")
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.8), sharey=True)
+    for ax, group in zip(axes, groups, strict=True):
+        for name, accs in suite.accuracy.items():
+            if get_family(name).group != group:
+                continue
+            ax.plot(
+                range(len(accs) + 1),
+                [100 * suite.clean_accuracy, *(100 * a for a in accs)],
+                marker="o",
+                label=name,
+            )
+        ax.set_title(group)
+        ax.set_xlabel("severity (0 = clean)")
+        ax.set_xticks(range(4))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("test accuracy (%)")
+    fig.suptitle(title, fontsize=10)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def log_to_live(live: Any, report: QualityReport, title: str = "") -> None:
+    """Log ``report`` into an open ``dvclive.Live`` (no step): nested metrics under
+    ``robustness/``, ``calibration/``, ``abstention/``; plots ``robustness`` (accuracy by
+    severity, one line per family) and ``reliability`` (before/after); both PNGs.
+    """
+
+    def flat(prefix: str, tree: dict[str, Any]) -> None:
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                flat(f"{prefix}{key}/", value)
+            elif isinstance(value, int | float) and not isinstance(value, bool):
+                live.log_metric(f"{prefix}{key}", value, plot=False)
+
+    flat("", report.metrics())
+    clean = [
+        {"family": f, "severity": 0, "accuracy": round(report.suite.clean_accuracy, 6)}
+        for f in report.suite.accuracy
+    ]
+    rows = clean + [
+        {"family": r["family"], "severity": r["severity"], "accuracy": r["accuracy"]}
+        for r in report.suite.rows()
+    ]
+    live.log_plot(
+        "robustness",
+        rows,
+        x="severity",
+        y="accuracy",
+        template="linear",
+        title="Accuracy by perturbation severity (0 = clean)",
+        x_label="severity",
+        y_label="accuracy",
+    )
+    rel = [{**r, "which": "before"} for r in report.reliability_before.rows()]
+    rel += [{**r, "which": "after"} for r in report.reliability_after.rows()]
+    live.log_plot(
+        "reliability",
+        rel,
+        x="confidence",
+        y="accuracy",
+        template="scatter",
+        title="Reliability (test split, before/after temperature scaling)",
+        x_label="confidence",
+        y_label="accuracy",
+    )
+    live.log_image("robustness.png", _png_image(robustness_png(report.suite, title)))
+    live.log_image(
+        "reliability.png",
+        _png_image(reliability_png(report.reliability_before, report.reliability_after, title)),
+    )
+
+
+def _png_image(data: bytes) -> Any:
+    import io
+
+    from PIL import Image
+
+    return Image.open(io.BytesIO(data))
+
+
+def model_card_section(report: QualityReport) -> str:
+    """Markdown for the model card: robustness table, calibration, abstention."""
+    from pipeline.perturb import get_family
+
+    s = report.severity
+    lines = [
+        "## Robustness, calibration and abstention",
+        "",
+        f"Suite `{report.suite.version}` (seed {report.suite.seed}, {report.suite.n} test "
+        f"images per copy), clean accuracy {100 * report.suite.clean_accuracy:.2f}%. "
+        f"The gate checks severity {s}.",
+        "",
+        "| family | levels 1 / 2 / 3 | accuracy 1 / 2 / 3 (%) |",
+        "|---|---|---|",
+    ]
+    for name, accs in report.suite.accuracy.items():
+        fam = get_family(name)
+        levels = " / ".join(f"{v:g}" for v in fam.levels)
+        lines.append(
+            f"| {name} ({fam.unit}) | {levels} | "
+            + " / ".join(f"{100 * a:.2f}" for a in accs)
+            + " |"
+        )
+    c, t, p = report.calibration, report.threshold, report.probes
+    bins = len(report.reliability_before.count)
+    lines += [
+        "",
+        f"- Calibration: temperature {c.temperature:.3f} fitted on {c.n_fit} validation "
+        f"images; test ECE ({bins} bins) {100 * c.ece_before:.2f}% before, "
+        f"{100 * c.ece_after:.2f}% after; NLL {c.nll_before:.4f} -> {c.nll_after:.4f}. "
+        "The `probabilities` output includes the temperature; `logits` do not.",
+        f"- Abstention: confident when the top probability >= {t.threshold:.4f} (chosen on "
+        f"validation for {100 * t.target_precision:.1f}% precision); test coverage "
+        f"{100 * report.test.coverage:.2f}% at precision {100 * report.test.precision:.2f}%.",
+        f"- Non-digit probes flagged not confident: {100 * p.flagged_all:.1f}% ("
+        + ", ".join(f"{k} {100 * v:.1f}%" for k, v in p.flagged.items())
+        + f"; {p.n_per_probe} each).",
+    ]
+    return "\n".join(lines) + "\n"
 
 
 @dataclass(frozen=True)

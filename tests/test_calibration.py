@@ -113,3 +113,35 @@ def test_reliability_png_is_a_png() -> None:
     z, y = overconfident(500, 5)
     png = reliability_png(reliability(softmax(z), y), reliability(softmax(z, 4.0), y), "t")
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_temperature_lives_inside_the_exported_onnx_graph(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """What the export does with ``with_temperature``: logits unchanged, probabilities scaled."""
+    import onnxruntime as ort
+
+    from pipeline.contract import INPUT_NAME, OUTPUT_NAMES
+    from pipeline.export import wrap
+    from pipeline.model_io import LoadedModel
+    from pipeline.models import build_model
+
+    torch.manual_seed(0)
+    model = LoadedModel(build_model("cnn", 4).eval(), "cnn", 4, 0.13, 0.31)
+    module = with_temperature(wrap(model), 1.7)
+    path = tmp_path / "model.onnx"
+    program = torch.onnx.export(
+        module,
+        (torch.full((2, 1, 28, 28), 127.0),),
+        dynamo=True,
+        input_names=[INPUT_NAME],
+        output_names=list(OUTPUT_NAMES),
+        dynamic_shapes={"image": {0: torch.export.Dim("batch", min=1, max=4096)}},
+    )
+    assert program is not None
+    program.save(str(path))
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = (torch.rand(5, 1, 28, 28, generator=torch.Generator().manual_seed(1)) * 255).numpy()
+    logits, probs = sess.run(list(OUTPUT_NAMES), {INPUT_NAME: x})
+    ref_logits, _ = wrap(model)(torch.from_numpy(x))
+    assert np.allclose(logits, ref_logits.detach().numpy(), atol=1e-4)
+    assert np.allclose(probs, softmax(logits, 1.7), atol=1e-5)
+    assert not np.allclose(probs, softmax(logits), atol=1e-3)
