@@ -1,19 +1,26 @@
 """Batch preprocessing on the device: uint8 pixels to normalised, augmented floats.
 
 Everything is one tensor op over the whole batch (no per-sample Python): a random
-affine transform per image (shift, rotation, isotropic scale) applied with
-``F.affine_grid`` + ``F.grid_sample``. Random parameters are drawn from an explicit
-CPU ``torch.Generator`` (a few numbers per image) so a run is reproducible and
-resumable on any device, then moved to the batch's device.
+affine transform per image (shift, rotation, isotropic scale, optional shear) applied
+with ``F.affine_grid`` + ``F.grid_sample``, then the degradation families of the
+robustness suite (:mod:`pipeline.perturb`), each on a random share ``p`` of the batch:
+stroke thickness, elastic deformation (folded into the same ``grid_sample``), blur,
+occlusion, contrast, brightness, Gaussian noise, salt-and-pepper. The ops are those of
+:mod:`pipeline.imageops`. Random parameters are drawn from an explicit CPU
+``torch.Generator`` so a run is reproducible and resumable on any device, then moved to
+the batch's device. A family with ``p == 0`` draws nothing, so the affine-only stream
+of random numbers is unchanged from earlier versions.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
+from pipeline import imageops
 from pipeline.config import AugmentConfig
 
 SIDE = 28
@@ -60,6 +67,101 @@ def random_affine(x: torch.Tensor, cfg: AugmentConfig, generator: torch.Generato
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
+def _subset(n: int, p: float, g: torch.Generator) -> torch.Tensor:
+    """CPU indices of the images that get a family, each with probability ``p``.
+
+    Drawn on the CPU, so selecting them on the device needs no host sync; the op then
+    runs on those images only (its cost scales with ``p``).
+    """
+    return torch.nonzero(torch.rand(n, generator=g) < p).reshape(-1)
+
+
+def _uniform(n: int, lo: float, hi: float, g: torch.Generator) -> torch.Tensor:
+    return lo + torch.rand(n, generator=g) * (hi - lo)
+
+
+def _apply(
+    x: torch.Tensor, idx: torch.Tensor, op: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    """``x`` with ``op`` applied to the images at ``idx`` (CPU indices)."""
+    if idx.numel() == 0:
+        return x
+    dev_idx = idx.to(x.device, non_blocking=True)
+    return x.index_copy(0, dev_idx, op(x.index_select(0, dev_idx)))
+
+
+def augment_batch(x: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
+    """Augment a ``(B, 1, H, W)`` float batch in [0, 1]; the result stays in [0, 1].
+
+    Order: thickness, affine (+ elastic, in the same resampling), blur, occlusion,
+    contrast, brightness, noise, salt-and-pepper (the digit first, then the image, then
+    the sensor). Each family runs on its random subset only.
+    """
+    n, dev, g = x.shape[0], x.device, generator
+    th = cfg.thickness
+    if th.p > 0 and (th.max_erode_px > 0 or th.max_dilate_px > 0):
+        idx = _subset(n, th.p, g)
+        # Half thinner, half thicker, one radius per batch and direction.
+        dilate = torch.rand(idx.numel(), generator=g) < 0.5
+        r = torch.rand(2, generator=g)
+        x = _apply(
+            x, idx[~dilate], lambda v: imageops.morph(v, float(r[0]) * th.max_erode_px, False)
+        )
+        x = _apply(
+            x, idx[dilate], lambda v: imageops.morph(v, float(r[1]) * th.max_dilate_px, True)
+        )
+    theta = affine_matrices(n, cfg, g)
+    if cfg.max_shear > 0:
+        shear = (torch.rand(n, generator=g) * 2 - 1) * cfg.max_shear
+        # theta maps output to input coordinates: the inverse shear acts first.
+        inv_shear = torch.zeros(n, 2, 2)
+        inv_shear[:, 0, 0], inv_shear[:, 0, 1], inv_shear[:, 1, 1] = 1.0, -shear, 1.0
+        theta = torch.cat([inv_shear @ theta[:, :, :2], inv_shear @ theta[:, :, 2:]], dim=2)
+    el = cfg.elastic
+    disp = None
+    if el.p > 0 and el.max_alpha > 0:
+        idx = _subset(n, el.p, g)
+        if idx.numel():
+            alpha = _uniform(idx.numel(), 0.0, el.max_alpha, g).to(dev)
+            field = torch.rand(idx.numel(), 2, *x.shape[-2:], generator=g).to(dev)
+            disp = torch.zeros(n, 2, *x.shape[-2:], device=dev).index_copy(
+                0, idx.to(dev), imageops.smooth_field(field, alpha, el.sigma)
+            )
+    x = imageops.warp(x, theta.to(dev, non_blocking=True), disp)
+    if cfg.blur.p > 0 and cfg.blur.max_sigma > 0:
+        idx = _subset(n, cfg.blur.p, g)
+        sigma = _uniform(idx.numel(), 0.0, cfg.blur.max_sigma, g).to(dev)
+        x = _apply(x, idx, lambda v: imageops.gaussian_blur(v, sigma))
+    oc = cfg.occlusion
+    if oc.p > 0 and oc.max_size >= 2:
+        from pipeline.perturb import occlusion_boxes  # the suite's geometry, random size
+
+        idx = _subset(n, oc.p, g)
+        size = float(torch.randint(2, int(oc.max_size) + 1, (), generator=g))
+        boxes = [t.to(dev) for t in occlusion_boxes(idx.numel(), size, g)]
+        x = _apply(x, idx, lambda v: imageops.occlude(v, *boxes))
+    if cfg.contrast.p > 0 and cfg.contrast.min_factor < 1:
+        idx = _subset(n, cfg.contrast.p, g)
+        contrast = _uniform(idx.numel(), cfg.contrast.min_factor, 1.0, g).to(dev)
+        x = _apply(x, idx, lambda v: imageops.reduce_contrast(v, contrast))
+    if cfg.brightness.p > 0 and cfg.brightness.min_factor < 1:
+        idx = _subset(n, cfg.brightness.p, g)
+        bright = _uniform(idx.numel(), cfg.brightness.min_factor, 1.0, g).to(dev)
+        x = _apply(x, idx, lambda v: imageops.reduce_brightness(v, bright))
+    if cfg.noise.p > 0 and cfg.noise.max_sigma > 0:
+        idx = _subset(n, cfg.noise.p, g)
+        sigma = _uniform(idx.numel(), 0.0, cfg.noise.max_sigma, g).to(dev)
+        normal = torch.randn(idx.numel(), *x.shape[1:], generator=g).to(dev)
+        x = _apply(x, idx, lambda v: imageops.add_gaussian_noise(v, sigma, normal))
+    sp = cfg.salt_pepper
+    if sp.p > 0 and sp.max_fraction > 0:
+        idx = _subset(n, sp.p, g)
+        frac = _uniform(idx.numel(), 0.0, sp.max_fraction, g).to(dev)
+        uniform = torch.rand(idx.numel(), *x.shape[1:], generator=g).to(dev)
+        x = _apply(x, idx, lambda v: imageops.salt_and_pepper(v, frac, uniform))
+    return x
+
+
 def prepare_batch(
     images: torch.Tensor,
     mean: float,
@@ -75,5 +177,100 @@ def prepare_batch(
     if augment is not None and augment.enabled:
         if generator is None:
             raise ValueError("prepare_batch: augmentation needs a torch.Generator")
-        x = random_affine(x, augment, generator)
+        x = augment_batch(x, augment, generator)
     return normalize(x, mean, std)
+
+
+# Label of a synthetic non-digit in a training batch (see :func:`prepare_training_batch`).
+OUTLIER = -1
+_BLOCK = 4  # block side of the block-shuffled outliers
+_WINDOW = 8  # fragment outliers keep one WINDOW x WINDOW window of a digit
+
+
+def synthetic_outliers(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Non-digits made from a ``(K, 1, 28, 28)`` batch in [0, 1], four kinds in turn.
+
+    Kinds (image ``i`` gets kind ``i % 4``): a flat grey level; the digit cut into 4x4
+    blocks that are shuffled; smooth random blobs (uniform noise blurred with sigma
+    2 px, contrast-stretched); a fragment (all but one random 8x8 window of the digit's
+    20x20 box blacked out). Deliberately not the evaluation probes' pixel-level shuffle
+    or white noise (:mod:`pipeline.abstention`): those stay unseen kinds.
+    """
+    k, _, h, w = x.shape
+    dev = x.device
+    kind = torch.arange(k) % 4
+    out = torch.empty_like(x)
+    grey = torch.rand(k, generator=g).to(dev).reshape(k, 1, 1, 1).expand_as(x)
+    # Block shuffle: (K, 49 blocks, 16 px) permuted along the block axis.
+    nb = (h // _BLOCK) * (w // _BLOCK)
+    blocks = x.reshape(k, h // _BLOCK, _BLOCK, w // _BLOCK, _BLOCK).permute(0, 1, 3, 2, 4)
+    blocks = blocks.reshape(k, nb, _BLOCK * _BLOCK)
+    perm = torch.argsort(torch.rand(k, nb, generator=g), dim=1).to(dev)
+    blocks = torch.gather(blocks, 1, perm.unsqueeze(-1).expand_as(blocks))
+    shuffled = (
+        blocks.reshape(k, h // _BLOCK, w // _BLOCK, _BLOCK, _BLOCK)
+        .permute(0, 1, 3, 2, 4)
+        .reshape(k, 1, h, w)
+    )
+    blobs = imageops.gaussian_blur(torch.rand(k, 1, h, w, generator=g).to(dev), 2.0)
+    lo = blobs.amin(dim=(2, 3), keepdim=True)
+    hi = blobs.amax(dim=(2, 3), keepdim=True)
+    blobs = (blobs - lo) / (hi - lo).clamp_min(1e-6)
+    box_lo = (h - 20) // 2
+    top = (box_lo + torch.randint(0, 20 - _WINDOW + 1, (k,), generator=g)).to(dev)
+    left = (box_lo + torch.randint(0, 20 - _WINDOW + 1, (k,), generator=g)).to(dev)
+    rows = torch.arange(h, device=dev).reshape(1, 1, h, 1)
+    cols = torch.arange(w, device=dev).reshape(1, 1, 1, w)
+    t, lf = top.reshape(k, 1, 1, 1), left.reshape(k, 1, 1, 1)
+    window = (rows >= t) & (rows < t + _WINDOW) & (cols >= lf) & (cols < lf + _WINDOW)
+    fragment = x * window
+    kd = kind.to(dev).reshape(k, 1, 1, 1)
+    out = torch.where(
+        kd == 0, grey, torch.where(kd == 1, shuffled, torch.where(kd == 2, blobs, fragment))
+    )
+    return out
+
+
+def prepare_training_batch(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    mean: float,
+    std: float,
+    augment: AugmentConfig,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`prepare_batch` for training, plus outlier exposure.
+
+    With ``augment.outliers.p > 0`` a random share of the (augmented) images is replaced
+    by :func:`synthetic_outliers` of themselves and their labels by :data:`OUTLIER`;
+    :func:`training_loss` trains those towards the uniform distribution. With ``p == 0``
+    this is ``prepare_batch`` and the labels unchanged (same random numbers).
+    """
+    x = prepare_batch(images, mean, std, augment, generator)
+    if not (augment.enabled and augment.outliers.p > 0):
+        return x, labels
+    idx = _subset(x.shape[0], augment.outliers.p, generator)
+    if idx.numel() == 0:
+        return x, labels
+    dev_idx = idx.to(x.device, non_blocking=True)
+    unit = x.index_select(0, dev_idx) * std + mean  # back to [0, 1] for the generator
+    fake = normalize(synthetic_outliers(unit, generator), mean, std)
+    y = labels.index_fill(0, dev_idx, OUTLIER)
+    return x.index_copy(0, dev_idx, fake), y
+
+
+def training_loss(
+    logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float
+) -> torch.Tensor:
+    """Mean cross-entropy; rows labelled :data:`OUTLIER` are scored against the uniform
+    distribution instead (outlier exposure, Hendrycks et al. 2019).
+
+    Without outliers in the batch this equals
+    ``F.cross_entropy(logits, labels, label_smoothing=label_smoothing)``.
+    """
+    digit = labels >= 0
+    ce = F.cross_entropy(
+        logits, labels.clamp_min(0), label_smoothing=label_smoothing, reduction="none"
+    )
+    uniform = -F.log_softmax(logits, dim=1).mean(dim=1)
+    return torch.where(digit, ce, uniform).mean()

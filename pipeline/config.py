@@ -90,13 +90,93 @@ class ValidateConfig:
 
 
 @dataclass(frozen=True, config=_STRICT)
+class ElasticAugment:
+    """Elastic deformation (Simard 2003): per image alpha uniform in [0, max_alpha] px."""
+
+    p: UnitFloat = 0.0
+    max_alpha: NonNegFloat = 34.0
+    sigma: PosFloat = 4.0
+
+
+@dataclass(frozen=True, config=_STRICT)
+class NoiseAugment:
+    """Additive Gaussian noise, sigma uniform in [0, max_sigma] on the 0..255 scale."""
+
+    p: UnitFloat = 0.0
+    max_sigma: NonNegFloat = 50.0
+
+
+@dataclass(frozen=True, config=_STRICT)
+class SaltPepperAugment:
+    """A share uniform in [0, max_fraction] of pixels set to black or white."""
+
+    p: UnitFloat = 0.0
+    max_fraction: UnitFloat = 0.1
+
+
+@dataclass(frozen=True, config=_STRICT)
+class BlurAugment:
+    """Gaussian blur, sigma uniform in [0, max_sigma] px."""
+
+    p: UnitFloat = 0.0
+    max_sigma: NonNegFloat = 1.5
+
+
+@dataclass(frozen=True, config=_STRICT)
+class FactorAugment:
+    """Contrast or brightness scaled by a factor uniform in [min_factor, 1]."""
+
+    p: UnitFloat = 0.0
+    min_factor: UnitFloat = 0.2
+
+
+@dataclass(frozen=True, config=_STRICT)
+class ThicknessAugment:
+    """Erosion or dilation (half each); per batch, radius uniform in (0, max] px."""
+
+    p: UnitFloat = 0.0
+    max_erode_px: NonNegFloat = 0.5
+    max_dilate_px: NonNegFloat = 1.0
+
+
+@dataclass(frozen=True, config=_STRICT)
+class OcclusionAugment:
+    """A black patch (side uniform in [2, max_size] px) or bar (half that thick)."""
+
+    p: UnitFloat = 0.0
+    max_size: NonNegFloat = 8.0
+
+
+@dataclass(frozen=True, config=_STRICT)
+class OutlierAugment:
+    """Outlier exposure: a share p of each batch replaced by synthetic non-digits that are
+    trained towards the uniform distribution (so the model learns to be unsure of them)."""
+
+    p: Annotated[float, Field(ge=0, lt=1)] = 0.0
+
+
+@dataclass(frozen=True, config=_STRICT)
 class AugmentConfig:
-    """Random affine augmentation applied per batch on the device."""
+    """Augmentation applied per batch on the device (see pipeline/augment.py).
+
+    Every image gets the random affine (shift, rotation, scale, shear); each further
+    family is applied to a random share ``p`` of the images (0 = off).
+    """
 
     enabled: bool = True
     max_shift_px: NonNegFloat = 2.0
     max_rotation_deg: NonNegFloat = 10.0
     scale_range: tuple[float, float] = (0.9, 1.1)
+    max_shear: NonNegFloat = 0.0
+    elastic: ElasticAugment = ElasticAugment()
+    noise: NoiseAugment = NoiseAugment()
+    salt_pepper: SaltPepperAugment = SaltPepperAugment()
+    blur: BlurAugment = BlurAugment()
+    contrast: FactorAugment = FactorAugment()
+    brightness: FactorAugment = FactorAugment()
+    thickness: ThicknessAugment = ThicknessAugment()
+    occlusion: OcclusionAugment = OcclusionAugment()
+    outliers: OutlierAugment = OutlierAugment()
 
 
 @dataclass(frozen=True, config=_STRICT)
@@ -145,6 +225,18 @@ class EvaluateConfig:
 
 
 @dataclass(frozen=True, config=_STRICT)
+class QualityConfig:
+    """Robustness suite, calibration and abstention (pipeline/quality.py)."""
+
+    seed: NonNegInt = 0  # perturbed test copies and probes; never used for training
+    n_images: PosInt | None = None  # test images per perturbed copy; None = all
+    severity: Annotated[int, Field(ge=1, le=3)] = 2  # the severity the gate checks
+    target_precision: Annotated[float, Field(gt=0, le=1)] = 0.999  # on accepted inputs
+    n_probes: PosInt = 1000  # non-digit images per probe kind
+    calibration_bins: PosInt = 15
+
+
+@dataclass(frozen=True, config=_STRICT)
 class ExportConfig:
     opset: Annotated[int, Field(ge=18)] = 18
     onnx_path: PathField = Path("models/candidate/model.onnx")
@@ -160,6 +252,11 @@ class ExportConfig:
 class GateConfig:
     min_accuracy: UnitFloat = 0.99
     max_regression: UnitFloat = 0.002
+    # Robustness: accuracy floor of every family at quality.severity (null = not checked),
+    # with per-family overrides, e.g. {noise: 0.995}; calibration: ECE after temperature.
+    min_robust_accuracy: UnitFloat | None = None
+    robust_floors: dict[str, UnitFloat] = Field(default_factory=dict)
+    max_ece: UnitFloat | None = None
     report_path: PathField = Path("reports/gate.json")
 
 
@@ -370,6 +467,7 @@ class Config:
     validate: ValidateConfig = ValidateConfig()
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    quality: QualityConfig = QualityConfig()
     export: ExportConfig = ExportConfig()
     gate: GateConfig = GateConfig()
     registry: RegistryConfig = RegistryConfig()

@@ -39,7 +39,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from pipeline.atomic import sha256_file, write_json
-from pipeline.augment import prepare_batch
+from pipeline.augment import prepare_batch, prepare_training_batch, training_loss
 from pipeline.checkpoint import (
     clear_checkpoints,
     load_checkpoint,
@@ -240,11 +240,11 @@ def train_one_epoch(
     bar = tqdm(total=steps, desc=desc, unit="batch", file=sys.stderr, disable=not progress)
     for step in range(steps):
         idx = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]
-        x = prepare_batch(images[idx], mean, std, cfg.augment, t.data_gen)
-        y = labels[idx]
+        # Outlier exposure (train.augment.outliers) relabels some images as OUTLIER (-1).
+        x, y = prepare_training_batch(images[idx], labels[idx], mean, std, cfg.augment, t.data_gen)
         with torch.autocast(device.type, dtype=t.amp_dtype, enabled=t.amp_dtype is not None):
             logits = t.forward(x.contiguous(memory_format=memory_format))
-        loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+        loss = training_loss(logits.float(), y, cfg.label_smoothing)
         # Record the first non-finite step without a host sync; checked every few steps.
         bad_now = ~torch.isfinite(loss.detach())
         first_bad = torch.where(bad_now & (first_bad < 0), step, first_bad)

@@ -3,12 +3,34 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 
-from pipeline.augment import affine_matrices, normalize, prepare_batch, random_affine, to_unit
-from pipeline.config import AugmentConfig
+from pipeline.augment import (
+    OUTLIER,
+    affine_matrices,
+    augment_batch,
+    normalize,
+    prepare_batch,
+    prepare_training_batch,
+    random_affine,
+    synthetic_outliers,
+    to_unit,
+    training_loss,
+)
+from pipeline.config import (
+    AugmentConfig,
+    BlurAugment,
+    ElasticAugment,
+    FactorAugment,
+    NoiseAugment,
+    OcclusionAugment,
+    OutlierAugment,
+    SaltPepperAugment,
+    ThicknessAugment,
+)
 
 IDENTITY = AugmentConfig(max_shift_px=0.0, max_rotation_deg=0.0, scale_range=(1.0, 1.0))
 
@@ -79,3 +101,77 @@ def test_disabled_augmentation_is_plain_normalisation() -> None:
 def test_augmentation_without_generator_is_an_error() -> None:
     with pytest.raises(ValueError, match="Generator"):
         prepare_batch(batch(), 0.1, 0.3, AugmentConfig(), None)
+
+
+ALL_FAMILIES = AugmentConfig(
+    max_shear=0.3,
+    elastic=ElasticAugment(p=0.5, max_alpha=34.0),
+    noise=NoiseAugment(p=0.5, max_sigma=50.0),
+    salt_pepper=SaltPepperAugment(p=0.5, max_fraction=0.1),
+    blur=BlurAugment(p=0.5, max_sigma=1.5),
+    contrast=FactorAugment(p=0.5, min_factor=0.2),
+    brightness=FactorAugment(p=0.5, min_factor=0.2),
+    thickness=ThicknessAugment(p=0.5, max_erode_px=0.5, max_dilate_px=1.0),
+    occlusion=OcclusionAugment(p=0.5, max_size=8.0),
+)
+
+
+def test_every_family_is_reproducible_and_stays_in_range() -> None:
+    x = to_unit(batch(64))
+    a = augment_batch(x, ALL_FAMILIES, torch.Generator().manual_seed(3))
+    b = augment_batch(x, ALL_FAMILIES, torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+    assert a.shape == x.shape and float(a.min()) >= 0.0 and float(a.max()) <= 1.0
+
+
+def test_families_with_p_zero_leave_the_affine_stream_unchanged() -> None:
+    """Defaults (all p = 0) draw exactly the random numbers of the affine-only version."""
+    x = to_unit(batch())
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    assert torch.equal(augment_batch(x, AugmentConfig(), g1), random_affine(x, AugmentConfig(), g2))
+    assert torch.equal(g1.get_state(), g2.get_state())
+
+
+@pytest.mark.parametrize(
+    "family",
+    ["elastic", "noise", "salt_pepper", "blur", "contrast", "brightness", "thickness", "occlusion"],
+)
+def test_each_family_changes_only_about_p_of_the_images(family: str) -> None:
+    x = to_unit(batch(200)) * 0.7 + 0.2  # grey background: every family changes some pixel
+    none = AugmentConfig(max_shift_px=0.0, max_rotation_deg=0.0, scale_range=(1.0, 1.0))
+    base = getattr(ALL_FAMILIES, family)
+    cfg = replace(none, **{family: replace(base, p=0.25)})
+    out = augment_batch(x, cfg, torch.Generator().manual_seed(11))
+    changed = ((out - x).abs().amax(dim=(1, 2, 3)) > 1e-4).float().mean()
+    assert 0.1 < float(changed) < 0.4
+
+
+def test_outliers_are_relabelled_and_trained_towards_uniform() -> None:
+    x = batch(128)
+    y = torch.randint(0, 10, (128,), generator=torch.Generator().manual_seed(0))
+    cfg = AugmentConfig(outliers=OutlierAugment(p=0.25))
+    _, yb = prepare_training_batch(x, y, 0.13, 0.31, cfg, torch.Generator().manual_seed(1))
+    out = yb == OUTLIER
+    assert 15 < int(out.sum()) < 50
+    assert torch.equal(yb[~out], y[~out])
+    # Without outliers the loss is plain (label-smoothed) cross-entropy.
+    logits = torch.randn(128, 10, generator=torch.Generator().manual_seed(2))
+    plain = torch.nn.functional.cross_entropy(logits, y, label_smoothing=0.1)
+    assert torch.allclose(training_loss(logits, y, 0.1), plain)
+    # Uniform logits are optimal for an all-outlier batch: loss = log(10).
+    all_out = torch.full((4,), OUTLIER)
+    assert math.isclose(
+        float(training_loss(torch.zeros(4, 10), all_out, 0.1)), math.log(10), rel_tol=1e-6
+    )
+    assert float(training_loss(logits[:4], all_out, 0.1)) > math.log(10)
+    # p = 0: labels untouched and the same pixels as prepare_batch.
+    g1, g2 = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
+    xb0, yb0 = prepare_training_batch(x, y, 0.1, 0.3, AugmentConfig(), g1)
+    assert torch.equal(yb0, y) and torch.equal(xb0, prepare_batch(x, 0.1, 0.3, AugmentConfig(), g2))
+
+
+def test_synthetic_outliers_are_not_the_digits() -> None:
+    x = to_unit(batch(8))
+    out = synthetic_outliers(x, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape and float(out.min()) >= 0.0 and float(out.max()) <= 1.0
+    assert (out != x).flatten(1).any(1).all()

@@ -16,7 +16,7 @@ def raw_params() -> dict:
 def test_params_yaml_loads_into_frozen_dataclasses() -> None:
     cfg = load_config(ROOT / "params.yaml")
     assert isinstance(cfg, Config)
-    assert cfg.train.augment.scale_range == (0.9, 1.1)
+    assert cfg.train.augment.scale_range == tuple(raw_params()["train"]["augment"]["scale_range"])
     assert isinstance(cfg.data.raw_dir, Path)
     with pytest.raises(AttributeError):
         cfg.train.epochs = 3  # type: ignore[misc]
