@@ -27,6 +27,7 @@ from typing import Any, cast
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.exceptions import TerminationSignal
 from prefect.states import Failed, State
 
 from flows.dvc_tasks import StageResult, gate_task, push_task, stage_task, status_task
@@ -141,7 +142,10 @@ def training_pipeline(
     except BaseException as err:
         if restore_params(params_path, prepared):
             logger.warning("run failed: params.yaml restored to its state before the run")
-        publish_report(root, cfg, f"Failed: {err}", header([]))
+        # A Prefect cancel reaches the flow process as SIGTERM (TerminationSignal).
+        cancelled = isinstance(err, TerminationSignal | KeyboardInterrupt)
+        outcome = "Cancelled" if cancelled else "Failed"
+        publish_report(root, cfg, f"{outcome}: {type(err).__name__}: {err}", header([]))
         raise
 
     status_task(root)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import make_images
 
 from pipeline.abstention import PROBES, choose_threshold, make_probes, probe_report, selective
-from tests.conftest import make_images
 
 
 def test_threshold_reaches_the_target_with_the_largest_coverage() -> None:

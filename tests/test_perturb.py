@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import make_images
 from torch import nn
 
 from pipeline.perturb import (
@@ -19,7 +20,6 @@ from pipeline.perturb import (
     run_suite,
     torch_predictor,
 )
-from tests.conftest import make_images
 
 
 def images(n: int = 64) -> torch.Tensor:

@@ -8,13 +8,13 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from conftest import make_images
 from torch import nn
 
 from pipeline.config import GateConfig, QualityConfig
 from pipeline.errors import ConfigError
 from pipeline.perturb import FAMILY_NAMES, torch_predictor
 from pipeline.quality import assess, quality_checks
-from tests.conftest import make_images
 
 SMALL = QualityConfig(n_images=None, n_probes=20, target_precision=0.99)
 
