@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from synthetic_digits import make_images
 
 from pipeline.config import Config, DataConfig, load_config
 from pipeline.dataset import images_path, labels_path
@@ -23,16 +24,6 @@ from pipeline.sources import FileSpec, SplitFiles
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_MNIST = (ROOT.parent / "shared" / "mnist").resolve()
-
-
-def make_images(n: int, seed: int) -> np.ndarray:
-    """``(n, 28, 28) uint8`` blobs: dark background, a bright stroke, MNIST-like enough."""
-    rng = np.random.default_rng(seed)
-    images = np.zeros((n, 28, 28), dtype=np.uint8)
-    rows = rng.integers(6, 22, size=n)
-    for i, r in enumerate(rows):
-        images[i, r - 3 : r + 3, 8:20] = rng.integers(180, 256, size=(6, 12))
-    return images
 
 
 def write_idx_source(

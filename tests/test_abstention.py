@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import make_images
+from synthetic_digits import make_images
 
 from pipeline.abstention import PROBES, choose_threshold, make_probes, probe_report, selective
 

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import make_images
+from synthetic_digits import make_images
 from torch import nn
 
 from pipeline.perturb import (

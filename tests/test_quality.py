@@ -8,7 +8,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from conftest import make_images
+from synthetic_digits import make_images
 from torch import nn
 
 from pipeline.config import GateConfig, QualityConfig
