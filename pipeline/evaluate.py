@@ -229,13 +229,13 @@ def log_metrics(live_dir: Path, result: EvalResult, labels: npt.ArrayLike, pred:
     with actual digits on the vertical axis and predicted on the horizontal one, like
     :func:`confusion_png`.
     """
-    from dvclive import Live
+    from pipeline.live_files import FileLive
 
     with atomic_dir(live_dir) as tmp:
         # dvc.yaml declares the metrics and plots: dvclive writes only the files. No
         # end()/context manager: under `dvc exp run` end() would `git add` files of the
         # staging directory and talk to Studio; make_summary() writes metrics.json.
-        live = Live(dir=str(tmp), dvcyaml=False, save_dvc_exp=False)
+        live = FileLive(str(tmp))
         for name, value in result.summary().items():
             live.log_metric(name, value, plot=False)  # one evaluation: no per-step series
         live.log_sklearn_plot(

@@ -427,9 +427,9 @@ def log_to_dvclive(directory: Path, history: list[EpochRecord], summary: dict[st
     ``directory/plots/metrics/<field>.tsv`` for every :class:`EpochRecord` field but
     ``epoch`` and ``seconds``. Only the files: no dvc.yaml, no experiment, no report.
     """
-    from dvclive import Live
+    from pipeline.live_files import FileLive
 
-    live = Live(dir=str(directory), dvcyaml=False, save_dvc_exp=False)
+    live = FileLive(str(directory))
     for record in history:
         live.step = record.epoch
         for name, value in asdict(record).items():

@@ -35,7 +35,7 @@ stages:
   train:
     cmd: python -m pipeline train
     deps: [data/prepared, metrics/data_stats.json]
-    params: [profile, profiles, train]
+    params: [train]
     outs: [{MODEL}]
 """
 
@@ -60,10 +60,10 @@ def dvc(repo: Path, *args: str) -> str:
 
 
 def set_train(repo: Path, **values: object) -> None:
-    """Set ``values`` in the train section of the selected profile (which wins)."""
+    """Set ``values`` in the train section of params.yaml (the values the stage reads)."""
     path = repo / "params.yaml"
     params = yaml.safe_load(path.read_text())
-    params["profiles"]["quick"]["train"].update(values)
+    params["train"].update(values)
     path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
@@ -83,9 +83,6 @@ def test_resume_is_kept_by_the_next_dvc_repro(tmp_path: Path, tiny_prepared: Pat
     repo = tmp_path / "repo"
     repo.mkdir()
     shutil.copyfile(ROOT / "params.yaml", repo / "params.yaml")
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["profile"] = "quick"
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     set_train(repo, model="mlp", epochs=2, batch_size=32, val_size=40, num_threads=1, device="cpu")
     shutil.copytree(tiny_prepared, repo / "data" / "prepared")
     (repo / "metrics").mkdir()
@@ -129,10 +126,7 @@ def test_resume_is_kept_by_the_next_dvc_repro(tmp_path: Path, tiny_prepared: Pat
     finished = md5(model)
     assert locked_md5(repo) == finished
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
-    assert (
-        lock["stages"]["train"]["params"]["params.yaml"]["profiles"]["quick"]["train"]["epochs"]
-        == 3
-    )
+    assert lock["stages"]["train"]["params"]["params.yaml"]["train"]["epochs"] == 3
     assert "up to date" in dvc(repo, "status")
     out = dvc(repo, "repro", "train")
     assert "didn't change, skipping" in out
