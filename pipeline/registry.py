@@ -200,14 +200,7 @@ def promote(cfg: Config) -> dict[str, Any]:
         )
         write_json(staging / CARD_JSON, card)
         write_text(staging / CARD_MD, card_markdown(card))
-        had_production = prod.exists()
-        swap.install(staging, prod)
-        if had_production:
-            # ``staging`` now names the old production: it becomes previous.
-            swap.install(staging, prev)
-        elif not prev.exists():
-            _placeholder(swap, prev)
-        swap.commit()
+        _install_staged(swap, staging, prod, prev)
     log.info("promote: %s is now in production (%s)", card["version"], prod)
     return card
 
@@ -221,13 +214,19 @@ def install_production(prod: Path, prev: Path, source: Path) -> None:
     with swapping(prod, [prod, prev]) as swap:
         staging = swap.stage(prod)
         shutil.copytree(source, staging, dirs_exist_ok=True)
-        had_production = prod.exists()
-        swap.install(staging, prod)
-        if had_production:
-            swap.install(staging, prev)
-        elif not prev.exists():
-            _placeholder(swap, prev)
-        swap.commit()
+        _install_staged(swap, staging, prod, prev)
+
+
+def _install_staged(swap: Swap, staging: Path, prod: Path, prev: Path) -> None:
+    """``staging`` becomes ``prod``, the old ``prod`` becomes ``prev``; commit the swap."""
+    had_production = prod.exists()
+    swap.install(staging, prod)
+    if had_production:
+        # ``staging`` now names the old production: it becomes previous.
+        swap.install(staging, prev)
+    elif not prev.exists():
+        _placeholder(swap, prev)
+    swap.commit()
 
 
 def rollback(cfg: Config) -> str:
