@@ -218,11 +218,37 @@ def _gate(d: Mapping[str, Any]) -> list[str]:
     ]
     checks = _list(d, "checks")
     if checks:
-        lines += ["", "| check | result | message |", "|---|---|---|"]
+        # Every check with what was measured and the threshold it was held to (robustness
+        # floors per family and the ECE ceiling included, when the gate checks them).
+        lines += [
+            "",
+            "| check | result | observed | threshold | message |",
+            "|---|---|---|---|---|",
+        ]
         for c in checks:
             if isinstance(c, Mapping):
                 result = "pass" if c.get("passed") is True else "FAIL"
-                lines.append(f"| {fmt(c.get('name'))} | {result} | {fmt(c.get('message'))} |")
+                lines.append(
+                    f"| {fmt(c.get('name'))} | {result} | {fmt(c.get('observed'))} | "
+                    f"{fmt(c.get('threshold'))} | {fmt(c.get('message'))} |"
+                )
+    quality = d.get("quality")
+    if isinstance(quality, Mapping):
+        lines += [
+            "",
+            "Quality of the ONNX candidate (robustness suite, calibration, abstention):",
+            "",
+            *_table(
+                [
+                    ("severity checked", quality.get("severity_checked")),
+                    ("temperature", quality.get("temperature")),
+                    ("ECE before / after", [quality.get("ece_before"), quality.get("ece_after")]),
+                    ("confidence threshold", quality.get("confidence_threshold")),
+                    ("test coverage at threshold", quality.get("coverage")),
+                    ("non-digit probes flagged", quality.get("probes_flagged")),
+                ]
+            ),
+        ]
     return lines
 
 

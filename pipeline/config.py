@@ -222,6 +222,11 @@ class EvaluateConfig:
     confusion_png: PathField = Path("reports/eval/confusion.png")
     mistakes_png: PathField = Path("reports/eval/mistakes.png")
     n_mistakes: PosInt = 36
+    # Robustness, calibration and abstention (pipeline/quality.py): the full report with the
+    # temperature and confidence threshold export puts into the ONNX file, and the model
+    # card section (Markdown).
+    quality_path: PathField = Path("reports/eval/quality.json")
+    quality_card_path: PathField = Path("reports/eval/quality.md")
 
 
 @dataclass(frozen=True, config=_STRICT)

@@ -12,6 +12,25 @@ normalisation the exported graph applies). Outputs (paths from ``cfg.evaluate``)
   ``n`` and ``errors``.
 - ``reports/eval/per_class.json``: precision/recall/F1/support per digit.
 - ``reports/eval/confusion.png`` (same orientation) and ``reports/eval/mistakes.png``.
+
+Quality beyond clean accuracy (:func:`pipeline.quality.assess`, issue 12): the
+robustness suite on the test split, the temperature fitted on the VALIDATION split
+training held out (:func:`pipeline.train.validation_split`; never the test split) with
+ECE/NLL on test before and after, and the confidence threshold chosen on validation for
+``quality.target_precision`` with its test coverage and the share of non-digit probes
+flagged. Into the same dvclive directory go the numbers (``robustness/<family>/s<k>``,
+``calibration/*``, ``abstention/*`` in ``metrics.json``), the plot data
+``plots/custom/robustness.json`` (accuracy by severity, a row per family and severity)
+and ``plots/custom/reliability.json`` (before/after), and both as PNG under
+``plots/images/``. ``evaluate.quality_path`` holds the whole report with the fitted
+temperature and threshold (the export stage puts them into the ONNX graph and its
+metadata), ``evaluate.quality_card_path`` the model card section.
+
+Which model is measured: evaluate runs before export (dvc.yaml: train -> evaluate ->
+export -> gate), so these figures come from the PyTorch module through the same
+raw-pixel wrapper that is exported. What is gated is what is served: when any quality
+threshold of the gate is set, the gate stage runs the same suite again through
+onnxruntime on the exported file and checks those numbers (:mod:`pipeline.gate`).
 """
 
 from __future__ import annotations
@@ -25,10 +44,11 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from pipeline.atomic import sha256_file, write_bytes, write_json
+from pipeline.atomic import sha256_file, write_bytes, write_json, write_text
 from pipeline.config import Config, EvaluateConfig
 from pipeline.dirswap import atomic_dir
 from pipeline.model_io import LoadedModel
+from pipeline.quality import QualityReport
 
 log = logging.getLogger("pipeline.evaluate")
 
@@ -220,14 +240,21 @@ def mistakes_png(
     return _png(fig)
 
 
-def log_metrics(live_dir: Path, result: EvalResult, labels: npt.ArrayLike, pred: IntArray) -> Path:
+def log_metrics(
+    live_dir: Path,
+    result: EvalResult,
+    labels: npt.ArrayLike,
+    pred: IntArray,
+    quality: QualityReport | None = None,
+) -> Path:
     """Write ``live_dir`` with dvclive, atomically as a whole; return the metrics file.
 
     ``metrics.json`` holds only numbers (accuracy, loss, macro F1: what people compare
     across experiments). ``plots/sklearn/confusion_matrix.json`` is dvclive's
     confusion plot data, one ``{"actual", "predicted"}`` row per image; dvc.yaml draws it
     with actual digits on the vertical axis and predicted on the horizontal one, like
-    :func:`confusion_png`.
+    :func:`confusion_png`. With ``quality``, its numbers (nested under ``robustness``,
+    ``calibration``, ``abstention``) and plots are added (:func:`pipeline.quality.log_to_live`).
     """
     from pipeline.live_files import FileLive
 
@@ -247,6 +274,10 @@ def log_metrics(live_dir: Path, result: EvalResult, labels: npt.ArrayLike, pred:
             x_label="predicted digit",
             y_label="actual digit",
         )
+        if quality is not None:
+            from pipeline.quality import log_to_live
+
+            log_to_live(live, quality, f"test accuracy {result.accuracy:.4f}")
         live.make_summary()
     return Path(live_dir) / "metrics.json"
 
@@ -258,14 +289,23 @@ def write_reports(
     images: npt.NDArray[np.uint8],
     labels: npt.ArrayLike,
     run_info: dict[str, Any],
+    quality: QualityReport | None = None,
 ) -> dict[str, Any]:
     """Write every evaluate output; return the numbers of ``metrics.json``.
 
     ``run_info`` (model, hashes, dataset version) goes to ``cfg.run_info_path`` with ``n``
     and ``errors``, not into the DVC metrics, so ``dvc metrics show`` lists numbers only.
+    With ``quality``: its metrics and plots join the dvclive directory, and
+    ``cfg.quality_path`` / ``cfg.quality_card_path`` are written (see
+    :func:`quality_record`).
     """
     pred = np.asarray(logits).argmax(axis=1).astype(np.int64)
-    log_metrics(cfg.live_dir, result, labels, pred)
+    log_metrics(cfg.live_dir, result, labels, pred, quality)
+    if quality is not None:
+        from pipeline.quality import model_card_section
+
+        write_json(cfg.quality_path, quality_record(quality, run_info))
+        write_text(cfg.quality_card_path, model_card_section(quality))
     write_json(cfg.run_info_path, {**run_info, "n": result.n, "errors": result.errors})
     write_json(cfg.per_class_path, result.per_class())
     title = f"test accuracy {result.accuracy:.4f} (n={result.n})"
@@ -275,7 +315,24 @@ def write_reports(
         cfg.mistakes_png,
         mistakes_png(images, labels, logits, idx, f"most confident mistakes ({len(idx)})"),
     )
-    return result.summary()
+    return {**result.summary(), **(quality.metrics() if quality is not None else {})}
+
+
+def quality_record(quality: QualityReport, run_info: dict[str, Any]) -> dict[str, Any]:
+    """The JSON of ``evaluate.quality_path``: what the export stage builds the model from.
+
+    ``temperature`` and ``confidence_threshold`` at full float precision (the graph's
+    constant and the served threshold), ``compact`` (the summary for ONNX metadata and
+    model cards), ``model_sha256`` (which model file they belong to), the full report.
+    """
+    return {
+        "model_sha256": run_info.get("model_sha256"),
+        "dataset_version": run_info.get("dataset_version"),
+        "temperature": quality.calibration.temperature,
+        "confidence_threshold": quality.threshold.threshold,
+        "compact": quality.compact(),
+        "report": quality.to_dict(),
+    }
 
 
 def evaluate_model(
@@ -302,12 +359,48 @@ def run_evaluate_stage(cfg: Config) -> dict[str, Any]:
         "model_sha256": sha256_file(cfg.train.model_path),
         "dataset_version": dataset_version(cfg.data.prepared_dir),
     }
-    metrics = write_reports(cfg.evaluate, result, logits, images, labels, run_info)
+    quality = assess_quality(cfg, model, images, labels)
+    metrics = write_reports(cfg.evaluate, result, logits, images, labels, run_info, quality)
     log.info(
-        "evaluate: accuracy %.4f, loss %.4f, %d errors of %d",
+        "evaluate: accuracy %.4f, loss %.4f, %d errors of %d; temperature %.3f, "
+        "ECE %.4f -> %.4f, confidence threshold %.4f (test coverage %.4f)",
         result.accuracy,
         result.loss,
         result.errors,
         result.n,
+        quality.calibration.temperature,
+        quality.calibration.ece_before,
+        quality.calibration.ece_after,
+        quality.threshold.threshold,
+        quality.test.coverage,
     )
     return metrics
+
+
+def assess_quality(
+    cfg: Config,
+    model: LoadedModel,
+    test_images: npt.NDArray[np.uint8],
+    test_labels: npt.ArrayLike,
+) -> QualityReport:
+    """:func:`pipeline.quality.assess` of the PyTorch raw-pixel module of ``model``.
+
+    ``test_images``: ``(N, 28, 28) uint8``. The validation split is the one training held
+    out (``train.val_size``, ``train.seed``, ``train.max_train_samples``), read from
+    ``data.prepared_dir``; nothing is written there.
+    """
+    from pipeline.dataset import load_split
+    from pipeline.holdout import validation_split
+    from pipeline.model_io import wrap
+    from pipeline.perturb import torch_predictor
+    from pipeline.quality import assess
+
+    val = validation_split(load_split(cfg.data.prepared_dir, "train"), cfg.train)
+    return assess(
+        torch_predictor(wrap(model), cfg.evaluate.batch_size),
+        np.asarray(val.images),
+        np.asarray(val.labels),
+        test_images,
+        test_labels,
+        cfg.quality,
+    )

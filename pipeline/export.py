@@ -5,6 +5,14 @@ with a dynamic batch axis. It computes ``(image / 255 - mean) / std`` with the m
 stored in the model file, so a consumer needs no constants. ``metadata_props`` carry
 provenance (see :data:`METADATA_KEYS`). The export stage writes the file only after it
 passed the parity check against PyTorch (:mod:`pipeline.parity`).
+
+Calibration and abstention (issue 12): the stage reads ``evaluate.quality_path`` (written
+by evaluate for this very model file) and puts the temperature fitted on the validation
+split into the graph (:func:`pipeline.calibration.with_temperature`): ``probabilities``
+is ``softmax(logits / T)``, ``logits`` are unchanged. ``metadata_props`` gain
+``temperature``, ``confidence_threshold`` (top probability at or above it: confident;
+what the service's ``confident`` flag follows) and ``quality``, the compact JSON
+summary of :meth:`pipeline.quality.QualityReport.compact`.
 """
 
 from __future__ import annotations
@@ -12,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import subprocess
 import tempfile
 import time
@@ -33,7 +42,7 @@ from pipeline.contract import (
     OUTPUT_NAMES,
     PIXEL_MAX,
 )
-from pipeline.errors import ModelFileError, ParityError
+from pipeline.errors import ArtifactError, ModelFileError, ParityError
 from pipeline.json_io import read_json
 from pipeline.model_io import LoadedModel, load_model_file, wrap
 from pipeline.parity import check_parity
@@ -60,6 +69,9 @@ METADATA_KEYS = (
     "input_contract",
     "output_contract",
     "class_labels",
+    "temperature",
+    "confidence_threshold",
+    "quality",
 )
 
 # Largest batch the dynamic dimension admits; far above anything a service sends.
@@ -101,12 +113,15 @@ def export_onnx(
     dest: Path,
     opset: int = 18,
     metadata: Mapping[str, str] | None = None,
+    temperature: float | None = None,
 ) -> Path:
     """Export ``model`` to ``dest`` (atomically) with the dynamo exporter; return ``dest``.
 
     ``metadata`` entries are added to ``metadata_props`` over the contract keys of
-    :func:`contract_metadata`. The result passes ``onnx.checker.check_model(full_check=True)``.
-    Raises :class:`ModelFileError` if export or the check fails or ``opset < 18``.
+    :func:`contract_metadata`. ``temperature`` (a positive float; None: plain softmax)
+    divides the logits inside the ``probabilities`` output only. The result passes
+    ``onnx.checker.check_model(full_check=True)``. Raises :class:`ModelFileError` if
+    export or the check fails, ``opset < 18`` or the temperature is not positive.
     """
     import onnx
 
@@ -115,7 +130,14 @@ def export_onnx(
     bad = {k: v for k, v in (metadata or {}).items() if not isinstance(v, str)}
     if bad:
         raise ModelFileError(f"metadata values must be strings, got {sorted(bad)}")
-    module = wrap(model)
+    module: torch.nn.Module = wrap(model)
+    if temperature is not None:
+        from pipeline.calibration import with_temperature
+
+        try:
+            module = with_temperature(module, temperature)
+        except ValueError as err:
+            raise ModelFileError(f"cannot export with temperature {temperature}: {err}") from err
     # Batch 2 as the example: a size-1 example dimension would be specialised to 1.
     example = torch.full((2, 1, IMAGE_SIDE, IMAGE_SIDE), PIXEL_MAX / 2)
     batch = torch.export.Dim("batch", min=1, max=_MAX_BATCH)
@@ -207,6 +229,39 @@ def stage_metadata(
     }
 
 
+def quality_metadata(cfg: Config, source_sha256: str) -> tuple[float, dict[str, str]]:
+    """``(temperature, metadata)`` from ``evaluate.quality_path`` for the model ``source_sha256``.
+
+    ``metadata``: ``temperature`` and ``confidence_threshold`` as ``repr`` of the floats
+    (exact round trip), ``quality`` the compact JSON summary. Raises
+    :class:`ArtifactError` when the file is missing or malformed and
+    :class:`ModelFileError` when it was written for another model file.
+    """
+    path = Path(cfg.evaluate.quality_path)
+    quality = read_json(path, "quality report", "run evaluate")
+    if quality.get("model_sha256") != source_sha256:
+        raise ModelFileError(
+            f"{path} belongs to another model ({quality.get('model_sha256')}), "
+            f"not {source_sha256}; re-run evaluate"
+        )
+    try:
+        temperature = float(quality["temperature"])
+        threshold = float(quality["confidence_threshold"])
+        compact = dict(quality["compact"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise ArtifactError(f"{path}: malformed quality report ({err!r}); re-run evaluate") from err
+    if not (math.isfinite(temperature) and temperature > 0 and 0.0 <= threshold <= 1.0):
+        raise ArtifactError(
+            f"{path}: temperature {temperature} must be > 0 and confidence threshold "
+            f"{threshold} in [0, 1]; re-run evaluate"
+        )
+    return temperature, {
+        "temperature": repr(temperature),
+        "confidence_threshold": repr(threshold),
+        "quality": json.dumps(compact, separators=(",", ":"), sort_keys=True),
+    }
+
+
 def _quantize_stage(cfg: Config, fp32_path: Path) -> dict[str, Any]:
     """INT8 variant, kept at ``export.int8_path`` only if its accuracy gate passes."""
     from pipeline.dataset import load_split
@@ -270,13 +325,15 @@ def run_export_stage(cfg: Config, cwd: Path | None = None) -> dict[str, Any]:
             ),
         },
     )
+    temperature, quality_meta = quality_metadata(cfg, source_sha)
+    meta.update(quality_meta)
     test = load_split(cfg.data.prepared_dir, "test")
     dest = Path(cfg.export.onnx_path)
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".export.", dir=dest.parent) as tmp:
         staged = Path(tmp) / dest.name
         t0 = time.perf_counter()
-        export_onnx(model, staged, opset=cfg.export.opset, metadata=meta)
+        export_onnx(model, staged, opset=cfg.export.opset, metadata=meta, temperature=temperature)
         export_s = time.perf_counter() - t0
         report = check_parity(
             model,
@@ -285,6 +342,7 @@ def run_export_stage(cfg: Config, cwd: Path | None = None) -> dict[str, Any]:
             test.labels,
             batch_sizes=cfg.export.parity_batch_sizes,
             atol=cfg.export.parity_atol,
+            temperature=temperature,
         )
         payload = {**report.to_dict(), "export_seconds": round(export_s, 3)}
         payload.update(model_version=meta["model_version"], opset=cfg.export.opset)

@@ -7,6 +7,15 @@ Checks (each recorded with its observed value and threshold in ``reports/gate.js
 - ``max_regression``: candidate accuracy >= production accuracy - ``gate.max_regression``,
   both recomputed now on the same test set; skipped (recorded as such) when there is
   no production model yet, so only the floor applies.
+- quality (issue 12), only when a threshold is set (``gate.min_robust_accuracy``,
+  ``gate.robust_floors``, ``gate.max_ece``; null/empty = off, and the suite is not even
+  run): :func:`pipeline.quality.assess` of the candidate ONNX file through onnxruntime
+  -- what is gated is what is served -- with the temperature and the threshold fitted on
+  the validation split training held out, then :func:`pipeline.quality.quality_checks`:
+  ``robust_<family>`` (accuracy at ``quality.severity`` >= its floor) and ``max_ece``
+  (ECE after temperature scaling). A failed one names the family in the reason. The
+  evaluate stage measured the same suite on the PyTorch module before export; the gate
+  re-measures it on the exported graph because that is the file promote installs.
 
 The report says ``"decision": "accepted"`` or ``"rejected"``. Rejection writes the report
 first, then raises :class:`GateRejected`, so ``python -m pipeline gate`` prints one line
@@ -25,11 +34,12 @@ import numpy as np
 import numpy.typing as npt
 
 from pipeline.atomic import sha256_file, write_json
-from pipeline.config import Config, GateConfig
+from pipeline.config import Config, GateConfig, QualityConfig
 from pipeline.contract import MODEL_FILE
-from pipeline.errors import ArtifactError, GateRejected, ModelFileError
+from pipeline.errors import ArtifactError, ConfigError, GateRejected, ModelFileError
 from pipeline.json_io import read_json
 from pipeline.onnx_runtime import onnx_accuracy
+from pipeline.quality import QualityReport
 
 log = logging.getLogger("pipeline.gate")
 
@@ -127,6 +137,48 @@ def parity_check(parity_path: Path, candidate_sha256: str) -> Check:
     )
 
 
+def quality_enabled(cfg: GateConfig) -> bool:
+    """Whether any robustness/calibration threshold is set (otherwise the suite is skipped)."""
+    return cfg.min_robust_accuracy is not None or bool(cfg.robust_floors) or cfg.max_ece is not None
+
+
+def robustness_checks(
+    candidate_path: Path,
+    val_images: npt.NDArray[np.uint8],
+    val_labels: npt.NDArray[np.uint8],
+    test_images: npt.NDArray[np.uint8],
+    test_labels: npt.NDArray[np.uint8],
+    gate: GateConfig,
+    quality: QualityConfig,
+) -> tuple[list[Check], QualityReport]:
+    """The quality checks of the ONNX file at ``candidate_path``, through onnxruntime (CPU).
+
+    ``val_*``: the held-out validation split (fits the temperature and threshold);
+    ``test_*``: the test split, ``(N, 28, 28) uint8`` and ``(N,)`` labels. Returns the
+    checks (:func:`pipeline.quality.quality_checks`, same fields as :class:`Check`) and
+    the report. An unknown family in ``gate.robust_floors`` is a :class:`ConfigError`,
+    raised before anything is measured.
+    """
+    from pipeline.onnx_runtime import create_session
+    from pipeline.perturb import FAMILY_NAMES, onnx_predictor
+    from pipeline.quality import assess, quality_checks
+
+    unknown = sorted(set(gate.robust_floors) - set(FAMILY_NAMES))
+    if unknown:
+        raise ConfigError(
+            f"gate.robust_floors: unknown families {unknown}; known: {', '.join(FAMILY_NAMES)}"
+        )
+    session = create_session(Path(candidate_path), "cpu")
+    report = assess(
+        onnx_predictor(session.session), val_images, val_labels, test_images, test_labels, quality
+    )
+    checks = [
+        Check(c.name, c.passed, c.observed, c.threshold, c.message)
+        for c in quality_checks(report, gate)
+    ]
+    return checks, report
+
+
 def decide(
     candidate_path: Path,
     production_path: Path | None,
@@ -135,8 +187,12 @@ def decide(
     cfg: GateConfig,
     parity_path: Path | None = None,
     batch_size: int = 1000,
+    extra_checks: tuple[Check, ...] = (),
 ) -> GateDecision:
-    """Measure candidate (and production, if given and present) ONNX accuracy and decide."""
+    """Measure candidate (and production, if given and present) ONNX accuracy and decide.
+
+    ``extra_checks`` (e.g. :func:`robustness_checks`) are appended and count like the others.
+    """
     candidate_path = Path(candidate_path)
     if not candidate_path.is_file():
         raise ModelFileError(f"{candidate_path}: candidate ONNX missing; run the export stage")
@@ -147,7 +203,7 @@ def decide(
     if production_path is not None and Path(production_path).is_file():
         prod_sha = sha256_file(Path(production_path))
         prod_acc = onnx_accuracy(Path(production_path), images, labels, batch_size)
-    checks = accuracy_checks(cand_acc, prod_acc, cfg)
+    checks = accuracy_checks(cand_acc, prod_acc, cfg) + list(extra_checks)
     if parity_path is not None:
         checks.insert(0, parity_check(parity_path, cand_sha))
     return GateDecision(
@@ -168,20 +224,40 @@ def run_gate_stage(cfg: Config) -> GateDecision:
     # promote would otherwise trust it.
     Path(cfg.gate.report_path).unlink(missing_ok=True)
     test = load_split(cfg.data.prepared_dir, "test")
+    images, labels = np.asarray(test.images), np.asarray(test.labels)
+    extra: list[Check] = []
+    quality: QualityReport | None = None
+    if quality_enabled(cfg.gate) and Path(cfg.export.onnx_path).is_file():
+        from pipeline.holdout import validation_split
+
+        val = validation_split(load_split(cfg.data.prepared_dir, "train"), cfg.train)
+        extra, quality = robustness_checks(
+            cfg.export.onnx_path,
+            np.asarray(val.images),
+            np.asarray(val.labels),
+            images,
+            labels,
+            cfg.gate,
+            cfg.quality,
+        )
     decision = decide(
         cfg.export.onnx_path,
         Path(cfg.registry.production_dir) / MODEL_FILE,
-        np.asarray(test.images),
-        np.asarray(test.labels),
+        images,
+        labels,
         cfg.gate,
         parity_path=cfg.export.parity_path,
         batch_size=cfg.evaluate.batch_size,
+        extra_checks=tuple(extra),
     )
     report = {
         **decision.to_dict(),
         "candidate_path": str(cfg.export.onnx_path),
         "dataset_version": dataset_version(cfg.data.prepared_dir),
         "n": len(test),
+        # The ONNX candidate's robustness/calibration summary; null when no quality
+        # threshold is set (the suite was not run).
+        "quality": None if quality is None else quality.compact(),
         "decided_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     write_json(cfg.gate.report_path, report)

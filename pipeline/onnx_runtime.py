@@ -18,7 +18,7 @@ import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 
-from pipeline.contract import IMAGE_SIDE, INPUT_NAME, LOGITS
+from pipeline.contract import IMAGE_SIDE, INPUT_NAME, LOGITS, PROBABILITIES
 from pipeline.errors import ModelFileError
 
 Images = npt.NDArray[np.uint8]
@@ -89,6 +89,21 @@ def onnx_logits(session: Session, images: Images, batch_size: int) -> Logits:
         for i in range(0, len(images), batch_size)
     ]
     return np.concatenate(out).astype(np.float32, copy=False)
+
+
+def onnx_outputs(session: Session, images: Images, batch_size: int) -> tuple[Logits, Logits]:
+    """onnxruntime ``(logits, probabilities)``, each ``(N, 10) float32``, ``batch_size`` a run."""
+    logits, probs = [], []
+    for i in range(0, len(images), batch_size):
+        z, p = session.session.run(
+            [LOGITS, PROBABILITIES], {INPUT_NAME: as_input(images[i : i + batch_size])}
+        )
+        logits.append(z)
+        probs.append(p)
+    return (
+        np.concatenate(logits).astype(np.float32, copy=False),
+        np.concatenate(probs).astype(np.float32, copy=False),
+    )
 
 
 def accuracy(logits: Logits, labels: Labels) -> float:

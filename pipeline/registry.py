@@ -20,6 +20,7 @@ the same way, so a second rollback undoes the first.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from datetime import UTC, datetime
@@ -98,12 +99,53 @@ def build_card(
             "max_abs_diff": parity.get("max_abs_diff"),
             "batch_sizes": parity.get("batch_sizes"),
         },
+        # Robustness, calibration and abstention (export's compact summary in the ONNX
+        # metadata; None for a model exported without it).
+        "quality": quality_summary(meta),
         "input_contract": meta.get("input_contract"),
         "output_contract": meta.get("output_contract"),
         "libraries": {
             k: meta.get(k) for k in ("torch_version", "onnx_version", "onnxruntime_version")
         },
     }
+
+
+def quality_summary(meta: dict[str, str]) -> dict[str, Any] | None:
+    """The ``quality`` metadata (compact JSON, :meth:`QualityReport.compact`) as a dict.
+
+    None when the model has none or it is not a JSON object.
+    """
+    raw = meta.get("quality")
+    if raw is None:
+        return None
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _quality_lines(q: dict[str, Any]) -> list[str]:
+    """Markdown of the compact quality summary (robustness at the checked severity)."""
+    s = q.get("severity_checked")
+    accuracy = (q.get("robustness") or {}).get("accuracy") or {}
+    at_s = ", ".join(
+        f"{name} {accs[s - 1]:.4f}"
+        for name, accs in accuracy.items()
+        if isinstance(s, int) and isinstance(accs, list) and len(accs) >= s
+    )
+    return [
+        "",
+        "## Robustness, calibration and abstention",
+        "",
+        f"- test accuracy under perturbation at severity {s}: {at_s or 'n/a'}",
+        f"- temperature {q.get('temperature')} (fitted on validation): test ECE "
+        f"{q.get('ece_before')} before, {q.get('ece_after')} after; the `probabilities` "
+        "output includes it",
+        f"- confident when the top probability >= {q.get('confidence_threshold')} (target "
+        f"precision {q.get('target_precision')}); test coverage {q.get('coverage')}; "
+        f"non-digit probes flagged {q.get('probes_flagged')}",
+    ]
 
 
 def card_markdown(card: dict[str, Any]) -> str:
@@ -138,6 +180,8 @@ def card_markdown(card: dict[str, Any]) -> str:
             f"- batch {bs}: max diff {row['max_abs_diff']:.3g}, "
             f"argmax agreement {row['argmax_agreement']:.4f}, {row['seconds']:.2f} s"
         )
+    if card.get("quality"):
+        lines += _quality_lines(card["quality"])
     lines += ["", "## Gate", ""]
     for c in card["gate"]["checks"]:
         lines.append(f"- {c['name']}: {'pass' if c['passed'] else 'FAIL'} - {c['message']}")

@@ -51,6 +51,7 @@ from pipeline.dataset import SplitArrays, load_split
 from pipeline.device import configure_runtime, select_device
 from pipeline.dirswap import exchange_dirs
 from pipeline.errors import ConfigError, NonFiniteLossError
+from pipeline.holdout import split_train_val
 from pipeline.model_io import save_model_file
 from pipeline.models import build_model, count_parameters
 from pipeline.stats import read_normalization
@@ -131,25 +132,6 @@ class Trainer:
         self.data_gen.set_state(rng["data"])
         if "cuda" in rng and next(self.model.parameters()).is_cuda:
             torch.cuda.set_rng_state(rng["cuda"])
-
-
-def split_train_val(
-    arrays: SplitArrays, val_size: int, seed: int
-) -> tuple[SplitArrays, SplitArrays]:
-    """Carve ``val_size`` images out of the training split, deterministically from ``seed``.
-
-    Returns ``(train, val)`` as in-memory copies. ``val_size`` 0 gives an empty val split.
-    """
-    n = len(arrays)
-    if val_size >= n:
-        raise ConfigError(f"train.val_size: {val_size} leaves no training images (have {n})")
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).numpy()
-    val_idx, train_idx = perm[:val_size], perm[val_size:]
-    images, labels = arrays.images, arrays.labels
-    return (
-        SplitArrays(images=images[train_idx], labels=labels[train_idx]),
-        SplitArrays(images=images[val_idx], labels=labels[val_idx]),
-    )
 
 
 def _make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -338,7 +320,7 @@ def fit(
     t_setup = time.perf_counter()
     device = select_device(cfg.device, torch.cuda.is_available)  # looked up now: tests fake it
     runtime = configure_runtime(device, cfg.num_threads, cfg.amp, cfg.channels_last, cfg.compile)
-    n_max = cfg.max_train_samples  # None: all
+    n_max = cfg.max_train_samples  # None: all (pipeline.holdout.validation_split: the same)
     arrays = SplitArrays(images=arrays.images[:n_max], labels=arrays.labels[:n_max])
     train_np, val_np = split_train_val(arrays, cfg.val_size, cfg.seed)
     if len(train_np) < cfg.batch_size:

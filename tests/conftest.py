@@ -76,6 +76,9 @@ def outputs_under(cfg: Config, root: Path, prepared: Path) -> Config:
             checkpoint_dir=root / "checkpoints",
             live_dir=root / "metrics" / "train",
             run_info_path=root / "reports" / "train" / "run.json",
+            # The tiny datasets have 200 training images: hold out 50 for validation
+            # (temperature and confidence threshold of the quality report).
+            val_size=min(cfg.train.val_size, 50),
         ),
         evaluate=replace(
             cfg.evaluate,
@@ -84,7 +87,11 @@ def outputs_under(cfg: Config, root: Path, prepared: Path) -> Config:
             per_class_path=root / "reports" / "eval" / "per_class.json",
             confusion_png=root / "reports" / "confusion.png",
             mistakes_png=root / "reports" / "mistakes.png",
+            quality_path=root / "reports" / "eval" / "quality.json",
+            quality_card_path=root / "reports" / "eval" / "quality.md",
         ),
+        # A small robustness suite and few non-digit probes: seconds, not minutes.
+        quality=replace(cfg.quality, n_images=40, n_probes=20),
         export=replace(
             cfg.export,
             onnx_path=root / "candidate" / "model.onnx",

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from pipeline.atomic import sha256_file
+from pipeline.calibration import fit_temperature
 from pipeline.config import Config
 from pipeline.dataset import dataset_version, load_split
 from pipeline.evaluate import (
@@ -19,8 +20,10 @@ from pipeline.evaluate import (
     run_evaluate_stage,
     worst_mistakes,
 )
-from pipeline.model_io import save_model_file
+from pipeline.model_io import load_model_file, save_model_file
 from pipeline.models import build_model
+from pipeline.parity import torch_logits
+from pipeline.perturb import FAMILY_NAMES
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -118,8 +121,12 @@ def test_run_evaluate_stage_writes_every_output(stage_cfg: Config, tiny_prepared
     live = cfg.evaluate.live_dir
     on_disk = json.loads((live / "metrics.json").read_text())
     assert on_disk == metrics
+
     # DVC metrics hold numbers only: hashes and names live in run.json.
-    assert all(isinstance(v, int | float) for v in on_disk.values()), on_disk
+    def leaves(tree: dict) -> list:  # type: ignore[type-arg]
+        return [x for v in tree.values() for x in (leaves(v) if isinstance(v, dict) else [v])]
+
+    assert all(isinstance(v, int | float) and not isinstance(v, bool) for v in leaves(on_disk))
     assert on_disk["accuracy"] == pytest.approx(float(np.mean(labels == 3)))
     # logits are 1 for class 3, 0 elsewhere: CE = log(e + 9) - [label == 3].
     assert on_disk["loss"] == pytest.approx(np.log(9 + np.e) - np.mean(labels == 3), rel=1e-5)
@@ -141,10 +148,46 @@ def test_run_evaluate_stage_writes_every_output(stage_cfg: Config, tiny_prepared
     assert {r["predicted"] for r in rows} == {"3"}
     # Nothing else in the dvclive directory: no per-step series for a single evaluation.
     files = sorted(p.relative_to(live).as_posix() for p in live.rglob("*") if p.is_file())
-    assert files == ["metrics.json", "plots/sklearn/confusion_matrix.json"]
+    assert files == [
+        "metrics.json",
+        "plots/custom/reliability.json",
+        "plots/custom/robustness.json",
+        "plots/images/reliability.png",
+        "plots/images/robustness.png",
+        "plots/sklearn/confusion_matrix.json",
+    ]
+    # Quality: every family at every severity, calibration before/after, abstention.
+    assert set(on_disk["robustness"]) == set(FAMILY_NAMES)
+    assert {"ece_before", "ece_after", "nll_before", "nll_after"} <= set(on_disk["calibration"])
+    assert {"threshold", "test_coverage", "probes_flagged"} <= set(on_disk["abstention"])
+    quality = json.loads(cfg.evaluate.quality_path.read_text())
+    assert quality["model_sha256"] == run["model_sha256"]
+    assert quality["temperature"] > 0
+    assert round(quality["confidence_threshold"], 6) == on_disk["abstention"]["threshold"]
+    assert "| noise (" in cfg.evaluate.quality_card_path.read_text()
 
     for png in (cfg.evaluate.confusion_png, cfg.evaluate.mistakes_png):
         assert png.read_bytes().startswith(PNG_MAGIC)
+
+
+def test_quality_fits_on_validation_and_changes_nothing_under_data(
+    stage_cfg: Config, tiny_prepared: Path
+) -> None:
+    """The temperature and threshold come from the held-out training images (never the
+    test split), and the whole evaluation leaves the prepared dataset byte for byte."""
+    from pipeline.holdout import validation_split
+
+    before = {p.name: p.read_bytes() for p in tiny_prepared.iterdir()}
+    torch.manual_seed(4)
+    save_model_file(stage_cfg.train.model_path, build_model("mlp", 8).eval(), "mlp", 8, 0.13, 0.31)
+    run_evaluate_stage(stage_cfg)
+    assert {p.name: p.read_bytes() for p in tiny_prepared.iterdir()} == before
+
+    quality = json.loads(stage_cfg.evaluate.quality_path.read_text())
+    val = validation_split(load_split(tiny_prepared, "train"), stage_cfg.train)
+    logits = torch_logits(load_model_file(stage_cfg.train.model_path), np.asarray(val.images))
+    assert quality["report"]["calibration"]["n_fit"] == len(val) == stage_cfg.train.val_size
+    assert quality["temperature"] == pytest.approx(fit_temperature(logits, val.labels))
 
 
 def test_evaluate_keeps_the_old_outputs_when_logging_fails(

@@ -19,7 +19,7 @@ from PIL import Image
 import pipeline.export as export_mod
 from pipeline.atomic import sha256_file
 from pipeline.config import Config
-from pipeline.dataset import dataset_version
+from pipeline.dataset import dataset_version, load_split
 from pipeline.errors import ModelFileError, ParityError
 from pipeline.evaluate import run_evaluate_stage
 from pipeline.export import (
@@ -30,7 +30,7 @@ from pipeline.export import (
     run_export_stage,
     wrap,
 )
-from pipeline.model_io import LoadedModel, save_model_file
+from pipeline.model_io import LoadedModel, load_model_file, save_model_file
 from pipeline.models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,6 +110,26 @@ def test_normalisation_is_inside_the_graph(tmp_path: Path) -> None:
     np.testing.assert_allclose(logits, want, atol=1e-4, rtol=0)
 
 
+def test_temperature_calibrates_probabilities_and_leaves_logits(tmp_path: Path) -> None:
+    """``probabilities`` = softmax(logits / T) in the graph; logits and argmax unchanged."""
+    model = random_model("mlp", seed=5)
+    plain, scaled = tmp_path / "plain.onnx", tmp_path / "scaled.onnx"
+    export_onnx(model, plain)
+    export_onnx(model, scaled, temperature=2.5)
+    x = pixels(17, seed=3)
+    outs = {}
+    for name, path in (("plain", plain), ("scaled", scaled)):
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        outs[name] = sess.run(["logits", "probabilities"], {"image": x})
+    np.testing.assert_allclose(outs["scaled"][0], outs["plain"][0], atol=1e-5, rtol=0)
+    want = torch.softmax(torch.from_numpy(outs["plain"][0]) / 2.5, dim=1).numpy()
+    np.testing.assert_allclose(outs["scaled"][1], want, atol=1e-6, rtol=0)
+    assert (outs["scaled"][1].argmax(1) == outs["plain"][1].argmax(1)).all()
+    assert outs["scaled"][1].max(1).mean() < outs["plain"][1].max(1).mean()  # T > 1 softens
+    with pytest.raises(ModelFileError, match="temperature"):
+        export_onnx(model, tmp_path / "bad.onnx", temperature=0.0)
+
+
 def test_rejects_old_opset_and_non_string_metadata(tmp_path: Path) -> None:
     model = random_model()
     with pytest.raises(ModelFileError, match="opset 17"):
@@ -163,6 +183,35 @@ def test_run_export_stage_metadata_and_parity(evaluated: Config, tiny_prepared: 
     assert set(parity["batch_sizes"]) == {str(b) for b in cfg.export.parity_batch_sizes}
     assert parity["onnx_accuracy"] == pytest.approx(evaluation["accuracy"])
     assert not [p for p in onnx_path.parent.iterdir() if p.name.startswith(".")]
+
+    # Calibration and abstention from evaluate's quality report, exactly.
+    quality = json.loads(cfg.evaluate.quality_path.read_text())
+    assert float(meta["temperature"]) == quality["temperature"]
+    assert float(meta["confidence_threshold"]) == quality["confidence_threshold"]
+    assert json.loads(meta["quality"]) == quality["compact"]
+    assert parity["temperature"] == quality["temperature"]
+    for row in parity["batch_sizes"].values():
+        assert row["max_abs_diff_probabilities"] <= cfg.export.parity_atol
+    # The served probabilities are the calibrated ones; the logits are the model's.
+    test = load_split(tiny_prepared, "test")
+    x = np.asarray(test.images, np.float32)[:, None]
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    logits, probs = sess.run(["logits", "probabilities"], {"image": x})
+    with torch.no_grad():
+        want = wrap(load_model_file(cfg.train.model_path))(torch.from_numpy(x))[0].numpy()
+    np.testing.assert_allclose(logits, want, atol=1e-4, rtol=0)
+    calibrated = torch.softmax(torch.from_numpy(want) / quality["temperature"], dim=1).numpy()
+    np.testing.assert_allclose(probs, calibrated, atol=1e-5, rtol=0)
+
+
+def test_export_refuses_a_quality_report_of_another_model(evaluated: Config) -> None:
+    cfg = evaluated
+    quality = json.loads(cfg.evaluate.quality_path.read_text())
+    quality["model_sha256"] = "0" * 64
+    cfg.evaluate.quality_path.write_text(json.dumps(quality))
+    with pytest.raises(ModelFileError, match="another model"):
+        run_export_stage(cfg, cwd=ROOT)
+    assert not cfg.export.onnx_path.exists()
 
 
 def test_parity_failure_leaves_no_onnx(evaluated: Config, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -14,13 +14,13 @@ import torch
 
 from pipeline.atomic import sha256_file, write_json
 from pipeline.config import Config, GateConfig
-from pipeline.dataset import load_split
-from pipeline.errors import GateRejected, ModelFileError
+from pipeline.dataset import images_path, labels_path, load_split
+from pipeline.errors import ConfigError, GateRejected, ModelFileError
 from pipeline.export import export_onnx
 from pipeline.gate import accuracy_checks, decide, parity_check, run_gate_stage
 from pipeline.model_io import LoadedModel
 from pipeline.models import build_model
-from pipeline.parity import check_parity
+from pipeline.parity import check_parity, torch_logits
 
 ROOT = Path(__file__).resolve().parents[1]
 GATE = GateConfig(min_accuracy=0.99, max_regression=0.002)
@@ -183,6 +183,61 @@ def test_stage_compares_with_production(
     decision = run_gate_stage(cfg)
     assert decision.passed
     assert json.loads(cfg.gate.report_path.read_text())["passed"] is True
+
+
+def relabel_by(model: LoadedModel, prepared: Path) -> None:
+    """Make ``model``'s clean answers the labels: clean accuracy 1.0 by construction."""
+    for split in ("train", "test"):
+        images = np.load(images_path(prepared, split))
+        np.save(
+            labels_path(prepared, split), torch_logits(model, images).argmax(1).astype(np.uint8)
+        )
+
+
+def with_quality(cfg: Config, **gate: object) -> Config:
+    return replace(cfg, gate=replace(cfg.gate, **gate))  # type: ignore[arg-type]
+
+
+def test_stage_rejects_a_clean_pass_that_fails_a_robustness_floor_by_name(
+    stage_cfg: Config, tiny_prepared: Path
+) -> None:
+    """Perfect on clean test images, but noise changes its answers: the floor rejects it,
+    naming the family; with the default (null) thresholds nothing new rejects it."""
+    torch.manual_seed(0)
+    model = LoadedModel(build_model("mlp", 8).eval(), "mlp", 8, 0.1307, 0.3081)
+    relabel_by(model, tiny_prepared)
+    cand = install_candidate(stage_cfg, model, tiny_prepared)
+    before = {p.name: p.read_bytes() for p in tiny_prepared.iterdir()}
+
+    assert stage_cfg.gate.min_robust_accuracy is None and stage_cfg.gate.max_ece is None
+    assert run_gate_stage(stage_cfg).passed  # defaults: the suite is not even run
+    report = json.loads(stage_cfg.gate.report_path.read_text())
+    assert report["quality"] is None
+    assert {c["name"] for c in report["checks"]} == {"parity", "min_accuracy", "max_regression"}
+
+    cfg = with_quality(stage_cfg, robust_floors={"noise": 1.0}, max_ece=1.0)
+    with pytest.raises(GateRejected, match=r"noise \(severity 2\) accuracy") as info:
+        run_gate_stage(cfg)
+    assert len(info.value.reasons) == 1 and "noise" in info.value.reasons[0]
+    report = json.loads(cfg.gate.report_path.read_text())
+    assert report["decision"] == "rejected" and report["candidate_sha256"] == sha256_file(cand)
+    checks = {c["name"]: c for c in report["checks"]}
+    assert checks["min_accuracy"]["passed"] is True and checks["min_accuracy"]["observed"] == 1.0
+    noise = checks["robust_noise"]
+    assert noise["passed"] is False and noise["threshold"] == 1.0 and noise["observed"] < 1.0
+    assert round(noise["observed"], 4) == report["quality"]["robustness"]["accuracy"]["noise"][1]
+    assert checks["max_ece"]["passed"] is True and checks["max_ece"]["threshold"] == 1.0
+    assert report["quality"]["severity_checked"] == cfg.quality.severity
+    # Every family at the default severity when the global floor is set; nothing written
+    # under the data directory.
+    cfg = with_quality(stage_cfg, min_robust_accuracy=0.0)
+    assert run_gate_stage(cfg).passed
+    names = {c["name"] for c in json.loads(cfg.gate.report_path.read_text())["checks"]}
+    assert {"robust_noise", "robust_rotate", "robust_occlusion"} <= names
+    assert {p.name: p.read_bytes() for p in tiny_prepared.iterdir()} == before
+
+    with pytest.raises(ConfigError, match="fog"):
+        run_gate_stage(with_quality(stage_cfg, robust_floors={"fog": 0.5}))
 
 
 def test_stage_rejects_a_candidate_without_its_parity_report(

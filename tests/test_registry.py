@@ -120,6 +120,37 @@ def test_first_promote_installs_model_and_card(cfg: Config, models: dict[str, Pa
     assert list(tree(cfg.registry.previous_dir)) == [PLACEHOLDER]
 
 
+def test_card_carries_the_quality_summary_from_the_model(
+    cfg: Config, models: dict[str, Path], tmp_path: Path
+) -> None:
+    import onnx
+
+    summary = {
+        "robustness": {"accuracy": {"noise": [0.99, 0.98, 0.9], "rotate": [0.99, 0.97, 0.8]}},
+        "severity_checked": 2,
+        "temperature": 1.31,
+        "ece_before": 0.011,
+        "ece_after": 0.004,
+        "confidence_threshold": 0.93,
+        "target_precision": 0.999,
+        "coverage": 0.97,
+        "probes_flagged": 0.8,
+    }
+    proto = onnx.load(str(models["a"]))
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = "quality", json.dumps(summary)
+    model = tmp_path / "with_quality.onnx"
+    onnx.save(proto, str(model))
+    candidate(cfg, model)
+
+    card = promote(cfg)
+
+    assert card["quality"] == summary
+    md = (cfg.registry.production_dir / CARD_MD).read_text()
+    assert "## Robustness, calibration and abstention" in md
+    assert "severity 2: noise 0.9800, rotate 0.9700" in md and ">= 0.93" in md
+
+
 @pytest.mark.parametrize("problem", ["failed", "changed"])
 def test_rejected_or_changed_candidate_leaves_production_byte_identical(
     cfg: Config, models: dict[str, Path], problem: str

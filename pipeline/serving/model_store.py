@@ -35,6 +35,9 @@ INPUT = INPUT_NAME
 OUTPUTS = OUTPUT_NAMES
 
 SessionFactory = Callable[[Path, Device, int], Session]
+# metadata_props key of the abstention threshold (written by the export stage): a
+# prediction is confident when its top probability, as reported, is >= this value.
+CONFIDENCE_KEY = "confidence_threshold"
 
 _ORT_ERRORS: tuple[type[Exception], ...] = tuple(
     cls
@@ -70,6 +73,8 @@ class ServedModel:
     providers_requested: tuple[str, ...]
     producer: str = ""
     loaded_at: float = field(default_factory=time.time)
+    # From metadata_props (:func:`confidence_threshold`); None: the model records none.
+    confidence_threshold: float | None = None
 
     @property
     def provider(self) -> str:
@@ -138,6 +143,25 @@ def _producer(data: bytes, producer_name: str) -> str:
     return f"{proto.producer_name or producer_name} {proto.producer_version}".strip()
 
 
+def confidence_threshold(metadata: dict[str, str], path: Path) -> float | None:
+    """The model's abstention threshold from its ``metadata_props``, in ``[0, 1]``.
+
+    None when the file records none (a model exported before issue 12). A value that is
+    not a number in ``[0, 1]`` refuses the model (:class:`ModelFileError`): the service
+    must not flag answers confident against a threshold it cannot read.
+    """
+    raw = metadata.get(CONFIDENCE_KEY)
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 <= value <= 1.0:  # NaN fails too
+        raise ModelFileError(f"{path}: metadata {CONFIDENCE_KEY}={raw!r} is not a number in [0, 1]")
+    return value
+
+
 def load_model(
     path: Path,
     device: Device = "auto",
@@ -176,15 +200,17 @@ def load_model(
     if CUDA in wanted and session.provider != CUDA:
         log.warning("CUDA provider requested but the session runs on %s", session.provider)
     meta = session.session.get_modelmeta()
+    metadata = dict(meta.custom_metadata_map)
     return ServedModel(
         session=session,
         path=path,
         sha256=sha256_bytes(data),
         size_bytes=len(data),
         signature=sig,
-        metadata=dict(meta.custom_metadata_map),
+        metadata=metadata,
         providers_requested=wanted,
         producer=_producer(data, meta.producer_name),
+        confidence_threshold=confidence_threshold(metadata, path),
     )
 
 

@@ -42,7 +42,15 @@ class Prediction(BaseModel):
     digit: int = Field(ge=0, le=9, description="argmax class")
     probability: float = Field(ge=0, le=1, description="probability of `digit`")
     probabilities: list[float] = Field(
-        min_length=10, max_length=10, description="softmax over digits 0..9 (6 decimals)"
+        min_length=10,
+        max_length=10,
+        description="softmax over digits 0..9 (6 decimals), temperature-calibrated when the "
+        "model records a temperature",
+    )
+    confident: bool | None = Field(
+        description="`probability >= confidence_threshold` (the threshold recorded in the "
+        "model, chosen on validation for a target precision): false means abstain or ask a "
+        "person; null when the model records no threshold"
     )
 
 
@@ -53,6 +61,11 @@ class PredictResponse(BaseModel):
         default=None, description="registry version (GTO) of the model, with `serve --follow`"
     )
     provider: str = Field(description="onnxruntime execution provider used")
+    confidence_threshold: float | None = Field(
+        default=None,
+        description="the model's abstention threshold (ONNX metadata `confidence_threshold`); "
+        "null when it records none",
+    )
     predictions: list[Prediction]
 
 

@@ -230,13 +230,22 @@ def _predictions(
     _, probs = model.predict(images)
     digits = probs.argmax(axis=1)
     rounded = np.round(probs.astype(np.float64), 6).tolist()
+    # `confident` compares the probability exactly as reported (6 decimals) with the
+    # threshold recorded in the model, so a client can check it: probability >= threshold.
+    threshold = model.confidence_threshold
     return {
         "model_sha256": model.sha256,
         "model_version": model.version,
         "registry_version": registry_version,
         "provider": model.provider,
+        "confidence_threshold": threshold,
         "predictions": [
-            {"digit": int(d), "probability": float(p[d]), "probabilities": p}
+            {
+                "digit": int(d),
+                "probability": float(p[d]),
+                "probabilities": p,
+                "confident": None if threshold is None else bool(float(p[d]) >= threshold),
+            }
             for d, p in zip(digits.tolist(), rounded, strict=True)
         ],
     }

@@ -48,3 +48,39 @@ def test_a_missing_run_file_is_reported_even_with_metrics_present(tmp_path: Path
     report = build_report(tmp_path, cfg, outcome="Completed")
     assert "eval_run" in report.missing and "eval" not in report.missing
     assert f"**missing**: {paths['eval_run']}: file missing" in report.markdown
+
+
+def test_gate_section_shows_every_check_with_observed_value_and_threshold(tmp_path: Path) -> None:
+    cfg = load_config(ROOT / "params.yaml")
+    paths = {name: tmp_path / p for name, p in report_paths(cfg).items()}
+    _dump(
+        paths["gate"],
+        {
+            "passed": False,
+            "candidate_accuracy": 0.995,
+            "checks": [
+                {
+                    "name": "min_accuracy",
+                    "passed": True,
+                    "observed": 0.995,
+                    "threshold": 0.99,
+                    "message": "candidate accuracy 0.9950 >= floor 0.9900",
+                },
+                {
+                    "name": "robust_noise",
+                    "passed": False,
+                    "observed": 0.8123,
+                    "threshold": 0.9,
+                    "message": "noise (severity 2) accuracy 0.8123 < floor 0.9000",
+                },
+            ],
+            "quality": {"temperature": 1.2345, "ece_after": 0.004, "confidence_threshold": 0.97},
+        },
+    )
+    md = build_report(tmp_path, cfg, outcome="Failed").markdown
+    assert "**REJECTED**" in md
+    assert (
+        "| robust_noise | FAIL | 0.8123 | 0.9000 | noise (severity 2) accuracy 0.8123 < floor" in md
+    )
+    assert "| min_accuracy | pass | 0.9950 | 0.9900 |" in md
+    assert "| temperature | 1.2345 |" in md and "| confidence threshold | 0.9700 |" in md

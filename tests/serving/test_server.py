@@ -296,3 +296,65 @@ def test_not_ready_until_a_model_appears(
 def test_parse_batch_returns_float32_batch() -> None:
     arr = parse_batch(json.dumps({"images": zeros(2)}).encode(), max_batch=4)
     assert arr.shape == (2, 28, 28) and arr.dtype == np.float32
+
+
+def with_metadata(src: Path, dest: Path, **props: str) -> Path:
+    """A copy of the ONNX file ``src`` with extra ``metadata_props``."""
+    import onnx
+
+    proto = onnx.load(str(src))
+    for key, value in props.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(proto, str(dest))
+    return dest
+
+
+def test_confident_flag_follows_the_threshold_in_the_model(
+    tmp_path: Path,
+    onnx_models: tuple[Path, Path],
+    install_model: Callable[[Path, Path], None],
+    server_factory: Callable[..., LiveServer],
+) -> None:
+    images = np.random.default_rng(5).integers(0, 256, (8, 28, 28)).astype(np.float32)
+    _, probs = load_model(onnx_models[0], device="cpu").predict(images)
+    top = np.round(probs.max(axis=1).astype(np.float64), 6)
+    # The threshold equals one of the reported probabilities: >= counts it confident.
+    threshold = float(np.sort(top)[len(top) // 2])
+    model = with_metadata(
+        onnx_models[0], tmp_path / "m" / MODEL_FILE, confidence_threshold=repr(threshold)
+    )
+    prod = tmp_path / "prod"
+    install_model(model, prod)
+    live = server_factory(ModelStore(prod / MODEL_FILE, device="cpu"))
+    with live.client() as client:
+        body = client.post("/v1/predict", json={"images": images.tolist()}).json()
+        assert body["confidence_threshold"] == threshold
+        flags = [p["confident"] for p in body["predictions"]]
+        assert flags == [p["probability"] >= threshold for p in body["predictions"]]
+        assert flags == (top >= threshold).tolist()
+        assert any(flags) and not all(flags)
+        (upload,) = client.post(
+            "/v1/predict/image", files={"file": ("d.png", png_digit(), "image/png")}
+        ).json()["predictions"]
+        assert upload["confident"] == (upload["probability"] >= threshold)
+        doc = client.get("/openapi.json").json()
+        assert "confident" in doc["components"]["schemas"]["Prediction"]["properties"]
+
+
+def test_no_threshold_in_the_model_means_confident_null(client: httpx.Client) -> None:
+    body = client.post("/v1/predict", json={"images": [[[0] * 28] * 28]}).json()
+    assert body["confidence_threshold"] is None
+    assert body["predictions"][0]["confident"] is None
+
+
+@pytest.mark.parametrize("bad", ["high", "1.5", "-0.1", "nan"])
+def test_an_unreadable_threshold_refuses_the_model(
+    tmp_path: Path, onnx_models: tuple[Path, Path], bad: str
+) -> None:
+    from pipeline.errors import ModelFileError
+
+    model = with_metadata(onnx_models[0], tmp_path / MODEL_FILE, confidence_threshold=bad)
+    with pytest.raises(ModelFileError, match="confidence_threshold"):
+        load_model(model, device="cpu")
