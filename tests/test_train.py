@@ -359,7 +359,15 @@ def test_killed_cli_run_leaves_previous_outputs(
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(_params(tmp_path, prepared, epochs=500, seed=1)))
     cmd = [sys.executable, "-m", "pipeline", "--params", str(params), "train"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        stderr=subprocess.PIPE,
+        text=True,
+        # A shell's background job inherits SIGINT ignored, and then Python installs no
+        # KeyboardInterrupt handler: give the child Ctrl-C's default, as in a terminal.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     assert proc.stderr is not None
     for line in proc.stderr:  # tqdm's carriage returns count as line ends in text mode
         if line.startswith("epoch 2:"):
