@@ -107,11 +107,12 @@ def worker(
     from pipeline.config import load_config
     from pipeline.dataset import load_split
     from pipeline.export import wrap
+    from pipeline.holdout import validation_split
     from pipeline.model_io import LoadedModel
     from pipeline.perturb import torch_predictor
     from pipeline.quality import assess
     from pipeline.stats import read_normalization
-    from pipeline.train import fit, split_train_val
+    from pipeline.train import fit
 
     sets = {**RECIPES[recipe], **overrides, "train.seed": seed}
     profile = sets.pop("profile", None)
@@ -131,7 +132,7 @@ def worker(
         result = fit(arrays, mean, std, tc, checkpoint_dir=Path(tmp), progress=False)
         wall = time.perf_counter() - t0
     load_after_train = load_average()
-    _, val = split_train_val(arrays, tc.val_size, tc.seed)
+    val = validation_split(arrays, tc)  # the images training held out
     test = load_split(ROOT / cfg.data.prepared_dir, "test", mmap=False)
     model = LoadedModel(result.model, tc.model, tc.width, mean, std)
     qcfg = replace(cfg.quality, n_images=n_images) if n_images else cfg.quality
