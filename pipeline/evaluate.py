@@ -15,7 +15,7 @@ normalisation the exported graph applies). Outputs (paths from ``cfg.evaluate``)
 
 Quality beyond clean accuracy (:func:`pipeline.quality.assess`, issue 12): the
 robustness suite on the test split, the temperature fitted on the VALIDATION split
-training held out (:func:`pipeline.train.validation_split`; never the test split) with
+training held out (:func:`pipeline.holdout.validation_split`; never the test split) with
 ECE/NLL on test before and after, and the confidence threshold chosen on validation for
 ``quality.target_precision`` with its test coverage and the share of non-digit probes
 flagged. Into the same dvclive directory go the numbers (``robustness/<family>/s<k>``,

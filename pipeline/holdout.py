@@ -1,9 +1,9 @@
 """The validation split: training images held out of training, deterministically.
 
-The train stage carves it (:func:`split_train_val`) for its per-epoch validation; the
-evaluate and gate stages carve the very same images again (:func:`validation_split`)
-to fit the temperature and the confidence threshold of :mod:`pipeline.quality` on
-images the model never trained on, and never on the test split.
+The train stage carves it (:func:`carve`) for its per-epoch validation; the evaluate
+and gate stages carve the very same images again (:func:`validation_split`) to fit the
+temperature and the confidence threshold of :mod:`pipeline.quality` on images the model
+never trained on, and never on the test split.
 """
 
 from __future__ import annotations
@@ -34,13 +34,19 @@ def split_train_val(
     )
 
 
+def carve(arrays: SplitArrays, cfg: TrainConfig) -> tuple[SplitArrays, SplitArrays]:
+    """``(train, val)`` of ``arrays`` (the training split) as ``cfg`` asks, in memory.
+
+    The first ``cfg.max_train_samples`` images (None: all), then :func:`split_train_val`
+    with ``cfg.val_size`` and ``cfg.seed``. The one definition of which images train and
+    which validate: training, evaluate, the gate and the benchmarks all carve through it.
+    """
+    n_max = cfg.max_train_samples
+    head = SplitArrays(images=arrays.images[:n_max], labels=arrays.labels[:n_max])
+    return split_train_val(head, cfg.val_size, cfg.seed)
+
+
 def validation_split(arrays: SplitArrays, cfg: TrainConfig) -> SplitArrays:
     """The images training held out of ``arrays`` (the training split): ``(val_size, 28, 28)
-    uint8`` and ``(val_size,) uint8`` labels, in memory.
-
-    The same carve as the train stage: the first ``cfg.max_train_samples`` images, then
-    :func:`split_train_val` with ``cfg.val_size`` and ``cfg.seed``.
-    """
-    n_max = cfg.max_train_samples  # None: all
-    head = SplitArrays(images=arrays.images[:n_max], labels=arrays.labels[:n_max])
-    return split_train_val(head, cfg.val_size, cfg.seed)[1]
+    uint8`` and ``(val_size,) uint8`` labels, in memory (:func:`carve`'s second half)."""
+    return carve(arrays, cfg)[1]

@@ -51,7 +51,7 @@ from pipeline.dataset import SplitArrays, load_split
 from pipeline.device import configure_runtime, select_device
 from pipeline.dirswap import exchange_dirs
 from pipeline.errors import ConfigError, NonFiniteLossError
-from pipeline.holdout import split_train_val
+from pipeline.holdout import carve
 from pipeline.model_io import save_model_file
 from pipeline.models import build_model, count_parameters
 from pipeline.stats import read_normalization
@@ -320,9 +320,7 @@ def fit(
     t_setup = time.perf_counter()
     device = select_device(cfg.device, torch.cuda.is_available)  # looked up now: tests fake it
     runtime = configure_runtime(device, cfg.num_threads, cfg.amp, cfg.channels_last, cfg.compile)
-    n_max = cfg.max_train_samples  # None: all (pipeline.holdout.validation_split: the same)
-    arrays = SplitArrays(images=arrays.images[:n_max], labels=arrays.labels[:n_max])
-    train_np, val_np = split_train_val(arrays, cfg.val_size, cfg.seed)
+    train_np, val_np = carve(arrays, cfg)
     if len(train_np) < cfg.batch_size:
         raise ConfigError(
             f"train.batch_size: {cfg.batch_size} exceeds the {len(train_np)} training images"
@@ -336,7 +334,7 @@ def fit(
     amp_dtype = torch.bfloat16 if runtime.amp_dtype == "bfloat16" else None
     t = build_trainer(cfg, device, amp_dtype, (len(train_np) // cfg.batch_size) * cfg.epochs)
     cfg_hash = train_config_hash(
-        cfg, {"n": len(arrays), "mean": round(mean, 8), "std": round(std, 8)}
+        cfg, {"n": len(train_np) + len(val_np), "mean": round(mean, 8), "std": round(std, 8)}
     )
     history: list[EpochRecord] = []
     if checkpoint_dir is not None and resume:

@@ -22,7 +22,7 @@ from pipeline.config import AugmentConfig, TrainConfig, config_from_dict, to_dic
 from pipeline.dataset import SplitArrays, images_path, labels_path
 from pipeline.errors import CheckpointError, ConfigError, NonFiniteLossError
 from pipeline.model_io import load_model_file
-from pipeline.train import EpochRecord, build_trainer, fit, run_train_stage, split_train_val
+from pipeline.train import EpochRecord, build_trainer, fit, run_train_stage
 
 ROOT = Path(__file__).resolve().parents[1]
 MEAN, STD = 0.1, 0.3
@@ -225,23 +225,6 @@ def test_fresh_run_replaces_old_checkpoint(
     with pytest.raises(NonFiniteLossError):
         fit(data, MEAN, STD, cfg, checkpoint_dir=tmp_path, progress=False)
     assert not checkpoint_path(tmp_path).exists()
-
-
-def test_val_split_is_deterministic_and_disjoint() -> None:
-    arrays = SplitArrays(
-        images=np.arange(100 * 784, dtype=np.uint32).reshape(100, 28, 28).astype(np.uint8),
-        labels=(np.arange(100) % 10).astype(np.uint8),
-    )
-    idx = SplitArrays(images=arrays.images, labels=np.arange(100).astype(np.uint8))
-    tr1, va1 = split_train_val(idx, 20, seed=3)
-    tr2, va2 = split_train_val(idx, 20, seed=3)
-    _, va3 = split_train_val(idx, 20, seed=4)
-    assert np.array_equal(va1.labels, va2.labels) and np.array_equal(tr1.labels, tr2.labels)
-    assert not np.array_equal(va1.labels, va3.labels)
-    assert len(va1) == 20 and len(tr1) == 80
-    assert set(tr1.labels.tolist()).isdisjoint(va1.labels.tolist())
-    with pytest.raises(ConfigError, match="val_size"):
-        split_train_val(idx, 100, seed=0)
 
 
 def test_batch_larger_than_train_set_is_a_config_error(data: SplitArrays) -> None:
