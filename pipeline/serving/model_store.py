@@ -162,6 +162,21 @@ def confidence_threshold(metadata: dict[str, str], path: Path) -> float | None:
     return value
 
 
+REPORTED_DECIMALS = 6  # probabilities as the service reports them
+
+
+def is_confident(probability: float, threshold: float | None) -> bool | None:
+    """Whether a top ``probability`` (in [0, 1]) clears the model's abstention threshold.
+
+    Compares the probability as reported (rounded to :data:`REPORTED_DECIMALS`), so a
+    client can check ``probability >= threshold`` itself; None when the model records no
+    threshold (see :func:`confidence_threshold`).
+    """
+    if threshold is None:
+        return None
+    return bool(round(float(probability), REPORTED_DECIMALS) >= threshold)
+
+
 def load_model(
     path: Path,
     device: Device = "auto",

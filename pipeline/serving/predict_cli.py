@@ -1,9 +1,11 @@
 """``python -m pipeline predict FILE...``: classify image files locally.
 
 Same preprocessing, size limits and model contract as ``POST /v1/predict/image``.
-Prints one line per good file on stdout, ``<path>\\t<digit>\\t<probability>``, in the
-order given, and one line per bad file on stderr (``<path>: <reason>``); every file is
-tried, and the command exits non-zero at the end if any failed. A file is read up to
+Prints one line per good file on stdout, ``<path>\\t<digit>\\t<probability>\\t<flag>``,
+in the order given (``flag``: ``confident`` or ``unsure`` against the abstention threshold
+recorded in the model, exactly as the service's ``confident``; ``-`` if it records none),
+and one line per bad file on stderr (``<path>: <reason>``); every file is tried, and the
+command exits non-zero at the end if any failed. A file is read up to
 ``serve.max_body_bytes`` (+1 byte to notice more), so ``predict /dev/zero`` stops at once.
 """
 
@@ -20,16 +22,17 @@ from pipeline.config import Config
 from pipeline.errors import ImageDecodeError
 from pipeline.onnx_runtime import Device
 from pipeline.serving.imaging import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE, to_mnist
-from pipeline.serving.model_store import MODEL_FILE, load_model
+from pipeline.serving.model_store import MODEL_FILE, is_confident, load_model
 
 
 @dataclass(frozen=True)
 class Classified:
-    """One file's answer: ``digit``/``probability``, or ``error`` (then both are None)."""
+    """One file's answer: ``digit``/``probability``/``confident``, or ``error`` (then None)."""
 
     path: Path
     digit: int | None = None
     probability: float | None = None
+    confident: bool | None = None
     error: str | None = None
 
 
@@ -62,12 +65,13 @@ def classify_files(
             images[i] = to_mnist(read_bounded(Path(path), max_bytes), max_pixels, max_side)
         except ImageDecodeError as err:
             errors[i] = str(err)
-    answers: dict[int, tuple[int, float]] = {}
+    answers: dict[int, tuple[int, float, bool | None]] = {}
     if images:
         _, probs = model.predict(np.stack(list(images.values())))
         for i, p in zip(images, probs, strict=True):
             digit = int(p.argmax())
-            answers[i] = (digit, float(p[digit]))
+            top = float(p[digit])
+            answers[i] = (digit, top, is_confident(top, model.confidence_threshold))
     return [
         Classified(path, *answers[i]) if i in answers else Classified(path, error=errors[i])
         for i, path in enumerate(paths)
@@ -94,7 +98,8 @@ def predict_files(
     )
     for r in results:
         if r.error is None:
-            print(f"{r.path}\t{r.digit}\t{r.probability:.4f}", file=out)
+            flag = {True: "confident", False: "unsure", None: "-"}[r.confident]
+            print(f"{r.path}\t{r.digit}\t{r.probability:.4f}\t{flag}", file=out)
         else:
             print(f"{r.path}: {r.error}", file=err)
     failed = sum(r.error is not None for r in results)

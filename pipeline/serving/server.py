@@ -49,7 +49,13 @@ from pipeline.serving.guards import (
 )
 from pipeline.serving.imaging import to_mnist
 from pipeline.serving.metrics import CONTENT_TYPE, Metrics, MetricsMiddleware
-from pipeline.serving.model_store import MODEL_FILE, ModelStore, ServedModel
+from pipeline.serving.model_store import (
+    MODEL_FILE,
+    REPORTED_DECIMALS,
+    ModelStore,
+    ServedModel,
+    is_confident,
+)
 from pipeline.serving.schemas import (
     ERRORS,
     Health,
@@ -229,9 +235,7 @@ def _predictions(
 ) -> dict[str, Any]:
     _, probs = model.predict(images)
     digits = probs.argmax(axis=1)
-    rounded = np.round(probs.astype(np.float64), 6).tolist()
-    # `confident` compares the probability exactly as reported (6 decimals) with the
-    # threshold recorded in the model, so a client can check it: probability >= threshold.
+    rounded = np.round(probs.astype(np.float64), REPORTED_DECIMALS).tolist()
     threshold = model.confidence_threshold
     return {
         "model_sha256": model.sha256,
@@ -244,7 +248,7 @@ def _predictions(
                 "digit": int(d),
                 "probability": float(p[d]),
                 "probabilities": p,
-                "confident": None if threshold is None else bool(float(p[d]) >= threshold),
+                "confident": is_confident(p[d], threshold),
             }
             for d, p in zip(digits.tolist(), rounded, strict=True)
         ],

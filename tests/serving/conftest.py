@@ -42,6 +42,19 @@ def export_model(model: LoadedModel, dest: Path, version: str) -> Path:
     return export_onnx(model, dest, metadata={"model_version": version, "git_commit": "test"})
 
 
+def with_metadata(src: Path, dest: Path, **props: str) -> Path:
+    """A copy of the ONNX file ``src`` with extra ``metadata_props``."""
+    import onnx
+
+    proto = onnx.load(str(src))
+    for key, value in props.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(proto, str(dest))
+    return dest
+
+
 @pytest.fixture(scope="session")
 def onnx_models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """Two different exported models (seeds 0 and 1), built once per session."""

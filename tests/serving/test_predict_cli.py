@@ -13,6 +13,7 @@ from PIL import Image, ImageDraw
 from pipeline.serving.imaging import to_mnist
 from pipeline.serving.model_store import MODEL_FILE, load_model
 
+from .conftest import with_metadata
 from .hostile import huge_png, lying_jpeg
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -53,10 +54,28 @@ def test_predict_prints_one_line_per_file(tmp_path: Path, production_dir: Path) 
     model = load_model(production_dir / MODEL_FILE, device="cpu")
     _, probs = model.predict(np.stack([to_mnist(f.read_bytes()) for f in files]))
     for line, path, p in zip(lines, files, probs, strict=True):
-        name, digit, prob = line.split("\t")
+        name, digit, prob, flag = line.split("\t")
         assert name == str(path)
         assert int(digit) == int(p.argmax())
         assert abs(float(prob) - float(p.max())) < 1e-4
+        assert flag == "-"  # this model records no abstention threshold
+
+
+def test_predict_flags_confidence_as_the_service_does(
+    tmp_path: Path, onnx_models: tuple[Path, Path]
+) -> None:
+    files = write_digits(tmp_path)
+    _, probs = load_model(onnx_models[0], device="cpu").predict(
+        np.stack([to_mnist(f.read_bytes()) for f in files])
+    )
+    top = np.round(probs.max(axis=1).astype(np.float64), 6)
+    threshold = float(np.sort(top)[len(top) // 2])  # equal to one: >= counts as confident
+    model = with_metadata(onnx_models[0], tmp_path / "m.onnx", confidence_threshold=repr(threshold))
+    result = run_cli("predict", *map(str, files), "--model", str(model))
+    assert result.returncode == 0, result.stderr
+    flags = [line.split("\t")[3] for line in result.stdout.splitlines()]
+    assert flags == ["confident" if t >= threshold else "unsure" for t in top]
+    assert set(flags) == {"confident", "unsure"}
 
 
 def test_model_option_and_bad_files(tmp_path: Path, onnx_models: tuple[Path, Path]) -> None:

@@ -18,7 +18,7 @@ from pipeline.atomic import sha256_file
 from pipeline.serving.model_store import MODEL_FILE, ModelStore, load_model
 from pipeline.serving.server import parse_batch
 
-from .conftest import LiveServer
+from .conftest import LiveServer, with_metadata
 
 
 def png_digit(size: tuple[int, int] = (200, 300)) -> bytes:
@@ -296,19 +296,6 @@ def test_not_ready_until_a_model_appears(
 def test_parse_batch_returns_float32_batch() -> None:
     arr = parse_batch(json.dumps({"images": zeros(2)}).encode(), max_batch=4)
     assert arr.shape == (2, 28, 28) and arr.dtype == np.float32
-
-
-def with_metadata(src: Path, dest: Path, **props: str) -> Path:
-    """A copy of the ONNX file ``src`` with extra ``metadata_props``."""
-    import onnx
-
-    proto = onnx.load(str(src))
-    for key, value in props.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(proto, str(dest))
-    return dest
 
 
 def test_confident_flag_follows_the_threshold_in_the_model(
