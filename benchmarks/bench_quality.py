@@ -34,13 +34,13 @@ import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from machine import cpu_model, load_average
+from timed_fit import composed_config, fit_timed
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -104,37 +104,21 @@ def worker(
     """Train one (recipe, seed) and assess it; returns a JSON-able dict."""
     import numpy as np
 
-    from pipeline.config import load_config
     from pipeline.dataset import load_split
     from pipeline.export import wrap
     from pipeline.holdout import validation_split
     from pipeline.model_io import LoadedModel
     from pipeline.perturb import torch_predictor
     from pipeline.quality import assess
-    from pipeline.stats import read_normalization
-    from pipeline.train import fit
 
     sets = {**RECIPES[recipe], **overrides, "train.seed": seed}
-    profile = sets.pop("profile", None)
-    if profile is None:
-        cfg = load_config(ROOT / "params.yaml", sets)
-    else:  # composed from conf/ exactly as `dvc exp run -S profile=...` would
-        from pipeline.config import config_from_dict, parse_params
-        from pipeline.profiles import compose_text, overrides_for
-
-        cfg = config_from_dict(parse_params(compose_text(ROOT, overrides_for(profile, sets))))
-    mean, std = read_normalization(ROOT / cfg.validate.stats_path)
-    arrays = load_split(ROOT / cfg.data.prepared_dir, "train")
-    load_before = load_average()
-    with tempfile.TemporaryDirectory() as tmp:
-        tc = replace(cfg.train, checkpoint_dir=Path(tmp))
-        t0 = time.perf_counter()
-        result = fit(arrays, mean, std, tc, checkpoint_dir=Path(tmp), progress=False)
-        wall = time.perf_counter() - t0
+    cfg = composed_config(ROOT, sets.pop("profile", None), sets)
+    run = fit_timed(ROOT, cfg)
+    result, tc = run.result, run.train
     load_after_train = load_average()
-    val = validation_split(arrays, tc)  # the images training held out
+    val = validation_split(run.arrays, tc)  # the images training held out
     test = load_split(ROOT / cfg.data.prepared_dir, "test", mmap=False)
-    model = LoadedModel(result.model, tc.model, tc.width, mean, std)
+    model = LoadedModel(result.model, tc.model, tc.width, run.mean, run.std)
     qcfg = replace(cfg.quality, n_images=n_images) if n_images else cfg.quality
     t1 = time.perf_counter()
     report = assess(
@@ -153,14 +137,14 @@ def worker(
         "test_accuracy": report.suite.clean_accuracy,
         "val_accuracy": m["val_accuracy"],
         "train_seconds": m["train_seconds"],
-        "wall_seconds_incl_setup": round(wall, 3),
+        "wall_seconds_incl_setup": round(run.wall_s, 3),
         "images_per_s": m["images_per_second"],
         "per_epoch_images_per_s": [round(r.images_per_second, 1) for r in result.history],
         "epochs": m["epochs"],
         "parameters": m["parameters"],
         "num_threads": result.info["runtime"]["num_threads"],
         "assess_seconds": round(time.perf_counter() - t1, 1),
-        "loadavg_before": load_before,
+        "loadavg_before": run.load_before,
         "loadavg_after_train": load_after_train,
         "loadavg_after": load_average(),
         "quality": report.to_dict(),

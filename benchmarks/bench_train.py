@@ -21,13 +21,11 @@ import platform
 import statistics
 import subprocess
 import sys
-import tempfile
-import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from machine import cpu_model, load_average
+from timed_fit import composed_config, fit_timed
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,30 +34,19 @@ def worker(profile: str, seed: int, overrides: dict[str, Any]) -> dict[str, Any]
     """Train one seed and evaluate on the test split; returns a JSON-able dict."""
     import torch
 
-    from pipeline.config import config_from_dict, parse_params
     from pipeline.dataset import load_split
-    from pipeline.profiles import compose_text, overrides_for
-    from pipeline.stats import read_normalization
-    from pipeline.train import evaluate, fit
+    from pipeline.train import evaluate
 
-    # The profile composed from conf/ exactly as `dvc exp run -S profile=...` would.
-    text = compose_text(ROOT, overrides_for(profile, {**overrides, "train.seed": seed}))
-    cfg = config_from_dict(parse_params(text))
-    mean, std = read_normalization(ROOT / cfg.validate.stats_path)
-    arrays = load_split(ROOT / cfg.data.prepared_dir, "train")
-    load_before = load_average()
-    with tempfile.TemporaryDirectory() as tmp:
-        tc = replace(cfg.train, checkpoint_dir=Path(tmp))
-        t0 = time.perf_counter()
-        result = fit(arrays, mean, std, tc, checkpoint_dir=Path(tmp), progress=False)
-        wall = time.perf_counter() - t0
+    cfg = composed_config(ROOT, profile, {**overrides, "train.seed": seed})
+    run = fit_timed(ROOT, cfg)
+    result = run.result
     test = load_split(ROOT / cfg.data.prepared_dir, "test", mmap=False)
     test_loss, test_acc = evaluate(
         result.model,
         torch.from_numpy(test.images),
         torch.from_numpy(test.labels).long(),
-        mean,
-        std,
+        run.mean,
+        run.std,
         1000,
     )
     m = result.metrics
@@ -69,13 +56,13 @@ def worker(profile: str, seed: int, overrides: dict[str, Any]) -> dict[str, Any]
         "test_loss": test_loss,
         "val_accuracy": m["val_accuracy"],
         "train_seconds": m["train_seconds"],
-        "wall_seconds_incl_setup": round(wall, 3),
+        "wall_seconds_incl_setup": round(run.wall_s, 3),
         "images_per_s": m["images_per_second"],
         "peak_rss_mib": m["peak_rss_mib"],
         "epochs": m["epochs"],
         "parameters": m["parameters"],
         "num_threads": result.info["runtime"]["num_threads"],
-        "loadavg_before": load_before,
+        "loadavg_before": run.load_before,
         "loadavg_after": load_average(),
         "per_epoch_images_per_s": [round(r.images_per_second, 1) for r in result.history],
     }
