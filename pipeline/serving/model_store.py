@@ -174,7 +174,9 @@ def is_confident(probability: float, threshold: float | None) -> bool | None:
     """
     if threshold is None:
         return None
-    return bool(round(float(probability), REPORTED_DECIMALS) >= threshold)
+    # numpy's rounding, the one the service's response uses (Python's round() can differ
+    # from it in the last decimal).
+    return bool(np.round(np.float64(probability), REPORTED_DECIMALS) >= threshold)
 
 
 def load_model(
