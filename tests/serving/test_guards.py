@@ -247,10 +247,11 @@ def test_metrics_endpoint(live: LiveServer) -> None:
     assert 'mnist_http_requests_total{method="POST",route="/v1/predict",status="200"} 1.0' in text
     assert 'mnist_http_requests_total{method="POST",route="/v1/predict",status="422"} 1.0' in text
     assert 'mnist_http_requests_total{method="GET",route="unmatched",status="404"} 1.0' in text
-    assert (
-        'mnist_http_request_duration_seconds_bucket{le="0.05",method="POST",'
-        'route="/v1/predict",status="200"} 1.0'
-    ) in text
+    # One observation in the latency histogram; which bucket depends on the machine's
+    # load (a first request on a busy CI runner can take over 50 ms), so not asserted.
+    labels = 'method="POST",route="/v1/predict",status="200"'
+    assert f'mnist_http_request_duration_seconds_bucket{{le="+Inf",{labels}}} 1.0' in text
+    assert f"mnist_http_request_duration_seconds_count{{{labels}}} 1.0" in text
     assert "mnist_http_requests_in_flight 1.0" in text  # the scrape itself
     info = f'provider="CPUExecutionProvider",sha256="{sha}",version="test-a"'
     assert f"mnist_model_info{{{info}}} 1.0" in text
