@@ -24,7 +24,6 @@ if TYPE_CHECKING:
 class TimedFit:
     """One training run: what trained (``train``), on what, how long, how busy the CPU was."""
 
-    cfg: Config
     train: TrainConfig  # cfg.train as it ran (checkpoints in a temporary directory)
     arrays: SplitArrays  # the whole training split: (N, 28, 28) uint8, (N,) uint8
     mean: float
@@ -60,4 +59,4 @@ def fit_timed(root: Path, cfg: Config) -> TimedFit:
         t0 = time.perf_counter()
         result = fit(arrays, mean, std, tc, checkpoint_dir=Path(tmp), progress=False)
         wall = time.perf_counter() - t0
-    return TimedFit(cfg, tc, arrays, mean, std, result, wall, load_before)
+    return TimedFit(tc, arrays, mean, std, result, wall, load_before)
