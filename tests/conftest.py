@@ -98,7 +98,16 @@ def outputs_under(cfg: Config, root: Path, prepared: Path) -> Config:
             int8_path=root / "candidate" / "model.int8.onnx",
             parity_path=root / "metrics" / "parity.json",
         ),
-        gate=replace(cfg.gate, report_path=root / "reports" / "gate.json"),
+        # Models trained for seconds on 200 synthetic images cannot meet the production
+        # robustness/ECE floors (whatever profile params.yaml last held): tests that are
+        # about those checks set them explicitly.
+        gate=replace(
+            cfg.gate,
+            report_path=root / "reports" / "gate.json",
+            min_robust_accuracy=None,
+            robust_floors={},
+            max_ece=None,
+        ),
         registry=replace(
             cfg.registry,
             production_dir=root / "models" / "production",

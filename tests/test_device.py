@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.device import configure_runtime, resolve_threads, select_device
+from pipeline.device import configure_runtime, cpu_has_bf16, resolve_threads, select_device
 from pipeline.errors import ConfigError
 
 
@@ -54,7 +54,7 @@ def test_resolve_threads() -> None:
     assert resolve_threads(0) >= 1
 
 
-def test_configure_runtime_cpu_sets_threads_and_no_amp() -> None:
+def test_configure_runtime_cpu_sets_threads_and_bf16_only_where_native() -> None:
     before = torch.get_num_threads()
     try:
         info = configure_runtime(
@@ -62,7 +62,12 @@ def test_configure_runtime_cpu_sets_threads_and_no_amp() -> None:
         )
         assert torch.get_num_threads() == 1
         assert info.device == "cpu" and info.num_threads == 1
-        assert info.amp_dtype is None  # bf16 autocast is for CUDA only
+        # Emulated bf16 would be slower than float32: autocast only where it is native.
+        assert info.amp_dtype == ("bfloat16" if cpu_has_bf16() else None)
         assert info.device_name
+        off = configure_runtime(
+            torch.device("cpu"), 1, amp=False, channels_last=True, compile_model=False
+        )
+        assert off.amp_dtype is None
     finally:
         torch.set_num_threads(before)

@@ -202,20 +202,20 @@ def test_stage_rejects_a_clean_pass_that_fails_a_robustness_floor_by_name(
     stage_cfg: Config, tiny_prepared: Path
 ) -> None:
     """Perfect on clean test images, but noise changes its answers: the floor rejects it,
-    naming the family; with the default (null) thresholds nothing new rejects it."""
+    naming the family; with every quality threshold off (null) nothing new rejects it."""
     torch.manual_seed(0)
     model = LoadedModel(build_model("mlp", 8).eval(), "mlp", 8, 0.1307, 0.3081)
     relabel_by(model, tiny_prepared)
     cand = install_candidate(stage_cfg, model, tiny_prepared)
     before = {p.name: p.read_bytes() for p in tiny_prepared.iterdir()}
 
-    assert stage_cfg.gate.min_robust_accuracy is None and stage_cfg.gate.max_ece is None
-    assert run_gate_stage(stage_cfg).passed  # defaults: the suite is not even run
-    report = json.loads(stage_cfg.gate.report_path.read_text())
+    off = with_quality(stage_cfg, min_robust_accuracy=None, robust_floors={}, max_ece=None)
+    assert run_gate_stage(off).passed  # no quality threshold: the suite is not even run
+    report = json.loads(off.gate.report_path.read_text())
     assert report["quality"] is None
     assert {c["name"] for c in report["checks"]} == {"parity", "min_accuracy", "max_regression"}
 
-    cfg = with_quality(stage_cfg, robust_floors={"noise": 1.0}, max_ece=1.0)
+    cfg = with_quality(off, robust_floors={"noise": 1.0}, max_ece=1.0)
     with pytest.raises(GateRejected, match=r"noise \(severity 2\) accuracy") as info:
         run_gate_stage(cfg)
     assert len(info.value.reasons) == 1 and "noise" in info.value.reasons[0]
@@ -230,7 +230,7 @@ def test_stage_rejects_a_clean_pass_that_fails_a_robustness_floor_by_name(
     assert report["quality"]["severity_checked"] == cfg.quality.severity
     # Every family at the default severity when the global floor is set; nothing written
     # under the data directory.
-    cfg = with_quality(stage_cfg, min_robust_accuracy=0.0)
+    cfg = with_quality(off, min_robust_accuracy=0.0)
     assert run_gate_stage(cfg).passed
     names = {c["name"] for c in json.loads(cfg.gate.report_path.read_text())["checks"]}
     assert {"robust_noise", "robust_rotate", "robust_occlusion"} <= names
@@ -277,6 +277,11 @@ def test_cli_exit_code_is_the_ci_signal(
     cmd = [sys.executable, "-m", "pipeline", "--params", str(ROOT / "params.yaml"), "gate"]
     for key, value in sets.items():
         cmd += ["--set", f"{key}={value}"]
+    # The clean-accuracy checks only: params.yaml may hold the default profile's
+    # robustness floors, which a constant model fails too.
+    for key in ("gate.min_robust_accuracy", "gate.max_ece"):
+        cmd += ["--set", f"{key}=null"]
+    cmd += ["--set", "gate.robust_floors={}"]
 
     rejected = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, check=False)
     assert rejected.returncode != 0

@@ -136,7 +136,7 @@ def test_unknown_profile_is_refused_before_dvc_runs(tmp_path: Path, monkeypatch,
     assert main(["exp-run", "profile=nope"]) == 2
     err = capsys.readouterr().err
     assert "known profiles: " in err
-    assert all(name in err for name in ("default", "fast", "quick", "robust"))
+    assert all(name in err for name in ("default", "fast", "quick"))
     assert (repo / "params.yaml").read_bytes() == before
     assert main(["check"]) == 0
     assert main(["check", "profile=quick"]) == 1
