@@ -140,3 +140,26 @@ def test_unknown_profile_is_refused_before_dvc_runs(tmp_path: Path, monkeypatch,
     assert (repo / "params.yaml").read_bytes() == before
     assert main(["check"]) == 0
     assert main(["check", "profile=quick"]) == 1
+
+
+@pytest.mark.parametrize(
+    ("profile", "gated"), [("default", True), ("fast", False), ("quick", False)]
+)
+def test_only_the_robustness_trained_profile_has_robustness_floors(
+    profile: str, gated: bool
+) -> None:
+    """The default profile trains every augmentation family and its gate checks them;
+    fast and quick train without them, so their suite is reported, not gated."""
+    from pipeline.config import config_from_dict, parse_params
+
+    cfg = config_from_dict(parse_params(compose_text(ROOT, overrides_for(profile, {}))))
+    aug = cfg.train.augment
+    families = (aug.elastic, aug.noise, aug.salt_pepper, aug.blur, aug.contrast)
+    families += (aug.brightness, aug.thickness, aug.occlusion)
+    if gated:
+        assert all(f.p > 0 for f in families) and aug.enabled
+        assert cfg.gate.min_robust_accuracy is not None and cfg.gate.max_ece is not None
+    else:
+        assert not aug.enabled or all(f.p == 0 for f in families)
+        assert cfg.gate.min_robust_accuracy is None and cfg.gate.max_ece is None
+        assert cfg.gate.robust_floors == {}
