@@ -154,12 +154,12 @@ def test_only_the_robustness_trained_profile_has_robustness_floors(
 
     cfg = config_from_dict(parse_params(compose_text(ROOT, overrides_for(profile, {}))))
     aug = cfg.train.augment
-    families = (aug.elastic, aug.noise, aug.salt_pepper, aug.blur, aug.contrast)
-    families += (aug.brightness, aug.thickness, aug.occlusion)
+    shares = [aug.elastic.p, aug.noise.p, aug.salt_pepper.p, aug.blur.p, aug.contrast.p]
+    shares += [aug.brightness.p, aug.thickness.p, aug.occlusion.p]
     if gated:
-        assert all(f.p > 0 for f in families) and aug.enabled
+        assert all(p > 0 for p in shares) and aug.enabled
         assert cfg.gate.min_robust_accuracy is not None and cfg.gate.max_ece is not None
     else:
-        assert not aug.enabled or all(f.p == 0 for f in families)
+        assert not aug.enabled or all(p == 0 for p in shares)
         assert cfg.gate.min_robust_accuracy is None and cfg.gate.max_ece is None
         assert cfg.gate.robust_floors == {}
