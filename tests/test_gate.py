@@ -209,7 +209,9 @@ def test_stage_rejects_a_clean_pass_that_fails_a_robustness_floor_by_name(
     cand = install_candidate(stage_cfg, model, tiny_prepared)
     before = {p.name: p.read_bytes() for p in tiny_prepared.iterdir()}
 
-    off = with_quality(stage_cfg, min_robust_accuracy=None, robust_floors={}, max_ece=None)
+    off = stage_cfg  # outputs_under turns every quality threshold off
+    assert off.gate.min_robust_accuracy is None and off.gate.max_ece is None
+    assert not off.gate.robust_floors
     assert run_gate_stage(off).passed  # no quality threshold: the suite is not even run
     report = json.loads(off.gate.report_path.read_text())
     assert report["quality"] is None

@@ -7,6 +7,7 @@ that re-runs the stage, and a refused run that leaves params.yaml byte-identical
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -154,8 +155,10 @@ def test_only_the_robustness_trained_profile_has_robustness_floors(
 
     cfg = config_from_dict(parse_params(compose_text(ROOT, overrides_for(profile, {}))))
     aug = cfg.train.augment
-    shares = [aug.elastic.p, aug.noise.p, aug.salt_pepper.p, aug.blur.p, aug.contrast.p]
-    shares += [aug.brightness.p, aug.thickness.p, aug.occlusion.p]
+    # Every degradation family of AugmentConfig (outlier exposure is not one).
+    families = [getattr(aug, f.name) for f in dataclasses.fields(aug) if f.name != "outliers"]
+    shares = [fam.p for fam in families if hasattr(fam, "p")]
+    assert len(shares) == 8
     if gated:
         assert all(p > 0 for p in shares) and aug.enabled
         assert cfg.gate.min_robust_accuracy is not None and cfg.gate.max_ece is not None
