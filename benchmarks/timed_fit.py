@@ -36,12 +36,12 @@ class TimedFit:
 def composed_config(root: Path, profile: str | None, sets: dict[str, Any]) -> Config:
     """``root``'s config with dotted ``sets``: composed from ``conf/`` for ``profile``
     exactly as ``dvc exp run -S profile=...`` would, or over ``params.yaml`` if None."""
-    from pipeline.config import config_from_dict, load_config, parse_params
-    from pipeline.profiles import compose_text, overrides_for
+    from pipeline.config import load_config
+    from pipeline.profiles import compose_config
 
     if profile is None:
         return load_config(root / "params.yaml", sets)
-    return config_from_dict(parse_params(compose_text(root, overrides_for(profile, sets))))
+    return compose_config(root, profile, sets)
 
 
 def fit_timed(root: Path, cfg: Config) -> TimedFit:

@@ -18,10 +18,13 @@ import json
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.atomic import write_bytes, write_text
 from pipeline.errors import ConfigError
+
+if TYPE_CHECKING:
+    from pipeline.config import Config
 
 CONF_DIR = "conf"
 CONFIG_NAME = "config"
@@ -82,6 +85,17 @@ def compose_text(repo: Path, overrides: Sequence[str]) -> str:
                 msg += f" (known profiles: {', '.join(known_profiles(repo))})"
             raise ConfigError(f"cannot compose parameters {list(overrides)}: {msg}") from err
         return out.read_text(encoding="utf-8")
+
+
+def compose_config(repo: Path, profile: str | None, params: Mapping[str, Any] | None) -> Config:
+    """The validated :class:`Config` that ``dvc exp run -S profile=... -S key=value``
+    would give the stages: ``params`` (dotted keys) composed over ``profile`` from
+    ``repo/conf/``. Raises :class:`ConfigError` for anything composition or the schema
+    rejects."""
+    from pipeline.config import config_from_dict, parse_params
+
+    text = compose_text(repo, overrides_for(profile, params))
+    return config_from_dict(parse_params(text, f"conf/ composed with {profile or 'no profile'}"))
 
 
 def compose_params(repo: Path, overrides: Sequence[str], dest: Path | None = None) -> str:

@@ -19,9 +19,9 @@ from typing import Any
 
 import yaml
 
-from pipeline.config import Config, config_from_dict, parse_params, to_dict
+from pipeline.config import Config, to_dict
 from pipeline.errors import ConfigError
-from pipeline.profiles import compose_text, guarded_run, overrides_for
+from pipeline.profiles import compose_config, guarded_run, overrides_for
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -59,8 +59,7 @@ def check_override(repo: Path, overrides: Mapping[str, Any]) -> Config:
     """
     params = dict(overrides)
     profile = params.pop("profile", None)
-    text = compose_text(Path(repo), overrides_for(profile, params))
-    cfg = config_from_dict(parse_params(text, "composed experiment parameters"))
+    cfg = compose_config(Path(repo), profile, params)
     tree = to_dict(cfg)
     for dotted, value in params.items():
         got: Any = tree

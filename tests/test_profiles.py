@@ -7,7 +7,6 @@ that re-runs the stage, and a refused run that leaves params.yaml byte-identical
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import shutil
 import subprocess
@@ -19,7 +18,7 @@ import pytest
 import yaml
 
 from pipeline.errors import ConfigError
-from pipeline.profiles import compose_text, hydra_override, main, overrides_for
+from pipeline.profiles import compose_config, compose_text, hydra_override, main, overrides_for
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {
@@ -82,7 +81,17 @@ def test_overrides_are_hydra_syntax() -> None:
 
 def composed_width(profile: str) -> int:
     """``train.width`` of ``profile`` as conf/ composes it (the test follows conf/)."""
-    return int(yaml.safe_load(compose_text(ROOT, overrides_for(profile, {})))["train"]["width"])
+    return compose_config(ROOT, profile, {}).train.width
+
+
+def test_compose_config_puts_explicit_params_over_the_profile() -> None:
+    cfg = compose_config(ROOT, "quick", {"train.epochs": 3, "quality.target_precision": 0.99})
+    assert (cfg.profile, cfg.train.epochs, cfg.quality.target_precision) == ("quick", 3, 0.99)
+    assert cfg.train.width == composed_width("quick")
+    with pytest.raises(ConfigError, match="known profiles"):
+        compose_config(ROOT, "no-such-profile", {})
+    with pytest.raises(ConfigError, match="train.epochs"):
+        compose_config(ROOT, None, {"train.epochs": 0})
 
 
 def test_quick_then_default_retrains_and_dvc_sees_the_real_values(tmp_path: Path) -> None:
@@ -151,13 +160,10 @@ def test_only_the_robustness_trained_profile_has_robustness_floors(
 ) -> None:
     """The default profile trains every augmentation family and its gate checks them;
     fast and quick train without them, so their suite is reported, not gated."""
-    from pipeline.config import config_from_dict, parse_params
-
-    cfg = config_from_dict(parse_params(compose_text(ROOT, overrides_for(profile, {}))))
+    cfg = compose_config(ROOT, profile, {})
     aug = cfg.train.augment
-    # Every degradation family of AugmentConfig (outlier exposure is not one).
-    families = [getattr(aug, f.name) for f in dataclasses.fields(aug) if f.name != "outliers"]
-    shares = [fam.p for fam in families if hasattr(fam, "p")]
+    # Every degradation family (outlier exposure is not one).
+    shares = [p for name, p in aug.shares().items() if name != "outliers"]
     assert len(shares) == 8
     if gated:
         assert all(p > 0 for p in shares) and aug.enabled
