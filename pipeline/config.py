@@ -155,18 +155,6 @@ class OutlierAugment:
     p: Annotated[float, Field(ge=0, lt=1)] = 0.0
 
 
-_SHARED_FAMILIES = (
-    ElasticAugment,
-    NoiseAugment,
-    SaltPepperAugment,
-    BlurAugment,
-    FactorAugment,
-    ThicknessAugment,
-    OcclusionAugment,
-    OutlierAugment,
-)
-
-
 @dataclass(frozen=True, config=_STRICT)
 class AugmentConfig:
     """Augmentation applied per batch on the device (see pipeline/augment.py).
@@ -192,12 +180,9 @@ class AugmentConfig:
 
     def shares(self) -> dict[str, float]:
         """``p`` of every family applied to a share of the images, outlier exposure
-        included, by field name (``elastic``, ..., ``outliers``)."""
-        return {
-            f.name: share.p
-            for f in fields(self)
-            if isinstance(share := getattr(self, f.name), _SHARED_FAMILIES)
-        }
+        included, by field name (``elastic``, ..., ``outliers``): the sections with a ``p``."""
+        sections = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {name: section.p for name, section in sections.items() if hasattr(section, "p")}
 
 
 @dataclass(frozen=True, config=_STRICT)
