@@ -26,11 +26,11 @@ install: $(STAMP)
 # real values, then runs only what is stale; the gate stage fails the run on a rejected
 # model. A failed or refused run puts params.yaml back as it was.
 pipeline: install
-	$(RUN) $(BIN)/python -m pipeline.profiles exp-run profile=$(PROFILE)
+	$(RUN) $(BIN)/python -m pipeline.core.profiles exp-run profile=$(PROFILE)
 
 # Regenerate params.yaml from conf/ after editing conf/ (the default profile).
 params: install
-	$(BIN)/python -m pipeline.profiles compose
+	$(BIN)/python -m pipeline.core.profiles compose
 
 pipeline-quick:
 	$(MAKE) pipeline PROFILE=quick
@@ -53,7 +53,7 @@ test-all: install
 	$(RUN) $(BIN)/pytest
 
 lint: install
-	$(BIN)/python -m pipeline.profiles check
+	$(BIN)/python -m pipeline.core.profiles check
 	$(BIN)/check-jsonschema --builtin-schema vendor.github-workflows .github/workflows/*.yml
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .

@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 from machine import cpu_model, load_average
 
-from pipeline.config import DataConfig, load_config
-from pipeline.dataset import load_split
-from pipeline.ingest import ingest
-from pipeline.validate import run_validation
+from pipeline.core.config import DataConfig, load_config
+from pipeline.data.dataset import load_split
+from pipeline.data.ingest import ingest
+from pipeline.data.validate import run_validation
 
 
 def timed(fn: object) -> float:

@@ -27,13 +27,13 @@ import onnxruntime
 import torch
 from machine import cpu_model, load_average
 
-from pipeline.atomic import sha256_file, write_json, write_text
-from pipeline.config import load_config
-from pipeline.dataset import load_split
-from pipeline.export import export_onnx
-from pipeline.model_io import load_model_file
-from pipeline.parity import accuracy, check_parity, torch_logits
-from pipeline.quantize import calibration_sample, compare_int8, quantize_int8
+from pipeline.core.atomic import sha256_file, write_json, write_text
+from pipeline.core.config import load_config
+from pipeline.data.dataset import load_split
+from pipeline.handoff.export import export_onnx
+from pipeline.handoff.parity import accuracy, check_parity
+from pipeline.handoff.quantize import calibration_sample, compare_int8, quantize_int8
+from pipeline.training.model_io import load_model_file, torch_logits
 
 
 def run(

@@ -44,11 +44,12 @@ sys.path.insert(0, str(ROOT))
 
 from machine import cpu_model, load_average  # noqa: E402
 
-from pipeline.atomic import sha256_file  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
-from pipeline.export import export_onnx, read_metadata, wrap  # noqa: E402
-from pipeline.model_io import LoadedModel, load_model_file  # noqa: E402
-from pipeline.models import build_model  # noqa: E402
+from pipeline.core.atomic import sha256_file  # noqa: E402
+from pipeline.core.config import load_config  # noqa: E402
+from pipeline.handoff.export import export_onnx, wrap  # noqa: E402
+from pipeline.handoff.onnx_runtime import read_metadata  # noqa: E402
+from pipeline.training.model_io import LoadedModel, load_model_file  # noqa: E402
+from pipeline.training.models import build_model  # noqa: E402
 
 TARGETS = {1: 4.0, 1000: 10.0}
 

@@ -11,13 +11,13 @@ Recipes, side by side (``--recipes`` picks some):
   55 s on this machine), float32;
 - ``previous_default``: the default profile before the quality work (cnn width 24,
   5 epochs, affine augmentation only, float32), today's profile ``fast``;
-- ``default``: the default profile composed from ``conf/`` (since issue 12 the
+- ``default``: the default profile composed from ``conf/`` (the
   robustness-trained recipe: every augmentation family, outlier exposure, bf16 autocast
   where the CPU has it).
 
-Each (recipe, seed) trains in a fresh subprocess with ``pipeline.train.fit`` exactly as
+Each (recipe, seed) trains in a fresh subprocess with ``pipeline.training.train.fit`` exactly as
 the train stage does (validation split carved from the training set), then
-``pipeline.quality.assess`` runs on the PyTorch model: the robustness suite on the test
+``pipeline.quality.report.assess`` runs on the PyTorch model: the robustness suite on the test
 split, temperature fitted on validation (ECE/NLL on test before and after), the
 abstention threshold chosen on validation and the non-digit probes. Reads
 ``data/prepared`` and ``metrics/data_stats.json`` (run ingest + validate first). The
@@ -41,7 +41,7 @@ from typing import Any
 from machine import cpu_model, load_average
 from timed_fit import composed_config, fit_timed
 
-from pipeline.config import AugmentConfig
+from pipeline.core.config import AugmentConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -98,12 +98,12 @@ def worker(
     """Train one (recipe, seed) and assess it; returns a JSON-able dict."""
     import numpy as np
 
-    from pipeline.dataset import load_split
-    from pipeline.export import wrap
-    from pipeline.holdout import validation_split
-    from pipeline.model_io import LoadedModel
-    from pipeline.perturb import torch_predictor
-    from pipeline.quality import assess
+    from pipeline.data.dataset import load_split
+    from pipeline.data.holdout import validation_split
+    from pipeline.handoff.export import wrap
+    from pipeline.quality.report import assess
+    from pipeline.quality.robustness import torch_predictor
+    from pipeline.training.model_io import LoadedModel
 
     sets = {**RECIPES[recipe], **overrides, "train.seed": seed}
     cfg = composed_config(ROOT, sets.pop("profile", None), sets)
@@ -152,7 +152,7 @@ def worker(
 
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Means and minima over seeds of the figures the targets are about."""
-    from pipeline.perturb import FAMILY_NAMES
+    from pipeline.quality.robustness import FAMILY_NAMES
 
     def mean(key: Any) -> float:
         return statistics.fmean(key(r) for r in runs)
@@ -195,7 +195,7 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def markdown(summary: dict[str, dict[str, Any]]) -> str:
     """The two tables for docs/benchmarks.md."""
-    from pipeline.perturb import FAMILIES
+    from pipeline.quality.robustness import FAMILIES
 
     names = list(summary)
     pct = lambda v: f"{100 * v:.2f}%"  # noqa: E731

@@ -4,7 +4,7 @@
 
 Every configuration runs the SAME trials (enqueued, fixed learning rates, no pruning,
 ``--samples`` real training images, width ``--width``, ``--epochs`` epochs) through
-:func:`pipeline.sweep.run_sweep`, side by side in one run:
+:func:`pipeline.sweep.search.run_sweep`, side by side in one run:
 
 - ``local 1x1``: LocalCluster, 1 worker process with 1 thread (1 torch thread per trial);
 - ``local 1x1, 2 torch threads``: 1 worker, one trial at a time, 2 torch threads (the
@@ -35,9 +35,9 @@ from typing import Any
 
 from machine import cpu_model, load_average
 
-from pipeline.config import config_from_dict, to_dict
-from pipeline.sweep import SweepData, load_sweep_data, make_study, run_sweep
-from pipeline.sweep_cluster import dask_client
+from pipeline.core.config import config_from_dict, to_dict
+from pipeline.sweep.cluster import dask_client
+from pipeline.sweep.search import SweepData, load_sweep_data, make_study, run_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 DASK = str(Path(sys.executable).parent / "dask")

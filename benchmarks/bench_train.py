@@ -4,7 +4,7 @@
     python benchmarks/bench_train.py --profile quick --seeds 0 1 2 --out docs/bench/train_quick.json
 
 Each seed runs in a fresh subprocess (so peak RSS and timings are per run) that trains
-with ``pipeline.train.fit`` exactly as the train stage does (val split carved from
+with ``pipeline.training.train.fit`` exactly as the train stage does (val split carved from
 the training set, checkpoints written to a temp dir), then measures accuracy on the TEST
 split, which training never sees. Reads ``data/prepared`` and ``metrics/data_stats.json``
 (run ingest + validate first). Records ``/proc/loadavg`` before and after every run
@@ -34,14 +34,14 @@ def worker(profile: str, seed: int, overrides: dict[str, Any]) -> dict[str, Any]
     """Train one seed and evaluate on the test split; returns a JSON-able dict."""
     import torch
 
-    from pipeline.dataset import load_split
-    from pipeline.train import evaluate
+    from pipeline.data.dataset import load_split
+    from pipeline.training.train import loss_and_accuracy
 
     cfg = composed_config(ROOT, profile, {**overrides, "train.seed": seed})
     run = fit_timed(ROOT, cfg)
     result = run.result
     test = load_split(ROOT / cfg.data.prepared_dir, "test", mmap=False)
-    test_loss, test_acc = evaluate(
+    test_loss, test_acc = loss_and_accuracy(
         result.model,
         torch.from_numpy(test.images),
         torch.from_numpy(test.labels).long(),

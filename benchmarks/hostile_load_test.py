@@ -1,4 +1,4 @@
-"""Bounded hostile-input load test of the inference service (issue 10), loopback only.
+"""Bounded hostile-input load test of the inference service, loopback only.
 
     python benchmarks/hostile_load_test.py --duration 20 --out docs/bench/hostile.json
 
@@ -13,7 +13,7 @@ got 200, every hostile one a 4xx, no 5xx at all (a 503 from load shedding counts
 failure here: the limits are sized so that this load is not shed), the RSS peak stays
 under ``--max-rss-mib`` and the valid requests' p99 under ``--max-p99-ms``.
 
-The hostile files come from ``tests/serving/hostile.py`` (loaded by path).
+The hostile files come from ``tests/helpers/hostile.py`` (loaded by path).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from machine import cpu_model, load_average
 
 def _hostile_module() -> Any:
     spec = importlib.util.spec_from_file_location(
-        "hostile", ROOT / "tests" / "serving" / "hostile.py"
+        "hostile", ROOT / "tests" / "helpers" / "hostile.py"
     )
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)

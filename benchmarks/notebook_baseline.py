@@ -5,7 +5,7 @@
 Notebook: ``torchvision.datasets.MNIST`` (the ../shared/mnist .gz files extracted into
 a temp ``root/MNIST/raw/`` so it loads with ``download=False``) + ``DataLoader`` with
 ``ToTensor()`` + ``Normalize`` per sample, shuffle, ``num_workers=0``.
-Ours: ``pipeline.train.fit`` (one uint8 tensor, index slicing, per-batch ops), run
+Ours: ``pipeline.training.train.fit`` (one uint8 tensor, index slicing, per-batch ops), run
 with augmentation off (same work as the notebook) and on (the default).
 Both train seed_cnn with Nesterov SGD, batch 128, the same thread count, on the same
 number of training images; the figure is training images per second (one run each).
@@ -42,7 +42,7 @@ def notebook_images_per_s(
     from torch.utils.data import DataLoader
     from torchvision import datasets, transforms
 
-    from pipeline.models import build_model
+    from pipeline.training.models import build_model
 
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "MNIST" / "raw"
@@ -72,9 +72,9 @@ def notebook_images_per_s(
 def ours_images_per_s(
     n_images: int, batch: int, mean: float, std: float, augment: bool, threads: int
 ) -> float:
-    from pipeline.config import load_config
-    from pipeline.dataset import load_split
-    from pipeline.train import fit
+    from pipeline.core.config import load_config
+    from pipeline.data.dataset import load_split
+    from pipeline.training.train import fit
 
     cfg = load_config(ROOT / "params.yaml").train
     tc = replace(
@@ -105,8 +105,8 @@ def main() -> int:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
 
-    from pipeline.device import resolve_threads
-    from pipeline.stats import read_normalization
+    from pipeline.data.stats import read_normalization
+    from pipeline.training.device import resolve_threads
 
     threads = resolve_threads(args.threads)
     torch.set_num_threads(threads)

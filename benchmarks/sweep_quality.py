@@ -1,4 +1,4 @@
-"""Issue 13's quality sweep: the ``hyperparameter-sweep`` flow on full data, at most ~60 min.
+"""The quality sweep: the ``hyperparameter-sweep`` flow on full data, at most ~60 min.
 
     python benchmarks/sweep_quality.py            # -> reports/sweep/ (best.yaml, trials, plots)
 
@@ -19,7 +19,7 @@ import json
 import time
 from pathlib import Path
 
-# Second run (2026-11-26): the number of epochs is fixed at the most that fits the
+# In the second run the number of epochs is fixed at the most that fits the
 # 5-minute budget with the widest model (7: about 250 s at width 28 on two cores), so
 # every trial has the same one-cycle schedule. The first run let epochs vary (4 or 5)
 # and pruned after epoch 1, which compares trials at different points of their
@@ -50,7 +50,7 @@ def main() -> None:
         trials=24,
         space=SPACE,
         # The values the sweep ran on (the base values, today's profile fast; float32):
-        # the default profile has since changed to the robustness recipe (issue 12).
+        # the default profile has since changed to the robustness recipe.
         profile="fast",
         params={"sweep.timeout_s": 2700, "sweep.pruner_warmup_epochs": 2, "train.amp": False},
         repo=str(ROOT),

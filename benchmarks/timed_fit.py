@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING, Any
 from machine import load_average
 
 if TYPE_CHECKING:
-    from pipeline.config import Config, TrainConfig
-    from pipeline.dataset import SplitArrays
-    from pipeline.train import TrainResult
+    from pipeline.core.config import Config, TrainConfig
+    from pipeline.data.dataset import SplitArrays
+    from pipeline.training.train import TrainResult
 
 
 @dataclass(frozen=True)
@@ -36,8 +36,8 @@ class TimedFit:
 def composed_config(root: Path, profile: str | None, sets: dict[str, Any]) -> Config:
     """``root``'s config with dotted ``sets``: composed from ``conf/`` for ``profile``
     exactly as ``dvc exp run -S profile=...`` would, or over ``params.yaml`` if None."""
-    from pipeline.config import load_config
-    from pipeline.profiles import compose_config
+    from pipeline.core.config import load_config
+    from pipeline.core.profiles import compose_config
 
     if profile is None:
         return load_config(root / "params.yaml", sets)
@@ -47,9 +47,9 @@ def composed_config(root: Path, profile: str | None, sets: dict[str, Any]) -> Co
 def fit_timed(root: Path, cfg: Config) -> TimedFit:
     """Train ``cfg.train`` as the train stage does (validation carved out, checkpoints
     written, to a temporary directory), on ``root``'s prepared data."""
-    from pipeline.dataset import load_split
-    from pipeline.stats import read_normalization
-    from pipeline.train import fit
+    from pipeline.data.dataset import load_split
+    from pipeline.data.stats import read_normalization
+    from pipeline.training.train import fit
 
     mean, std = read_normalization(root / cfg.validate.stats_path)
     arrays = load_split(root / cfg.data.prepared_dir, "train")

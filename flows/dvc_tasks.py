@@ -5,48 +5,30 @@ repository: DVC alone decides whether the stage is stale, runs its ``cmd``, and 
 ``dvc.lock``, exactly as a ``dvc repro`` by hand would. One DVC command runs at a time
 (DVC holds one lock per repository), so the flow calls these tasks one after another.
 
-The DVC of the running interpreter is used (``sys.executable -m dvc``), and that
-interpreter's ``bin`` directory leads ``PATH`` so the stages' ``python -m pipeline``
-runs in the same environment as the flow. Output lines (stdout and stderr merged, in
-order) are passed to a callback as they arrive; the tasks pass the Prefect run logger.
+The DVC of the running interpreter is used, in the environment of
+:func:`pipeline.release.vcs.command_env`, so the stages' ``python -m pipeline`` runs
+where the flow runs. Output lines (stdout and stderr merged, in order) are passed to a
+callback as they arrive (:func:`pipeline.release.vcs.stream_command`); the tasks pass
+the Prefect run logger.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
-import subprocess
-import sys
-from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed, Failed, State
 
-from pipeline.errors import ArtifactError, GateRejected, OrchestrationError
-from pipeline.json_io import read_json
-
-LineSink = Callable[[str], None]
-
-TAIL_LINES = 30
-
-
-@dataclass(frozen=True)
-class CommandResult:
-    """A finished command: its argv, exit status and last output lines (for messages)."""
-
-    argv: tuple[str, ...]
-    returncode: int
-    tail: tuple[str, ...]
-
-    @property
-    def ok(self) -> bool:
-        return self.returncode == 0
+from pipeline.core.errors import ArtifactError, GateRejected, OrchestrationError
+from pipeline.core.json_io import read_json
+from pipeline.release.vcs import CommandResult, LineSink, command_env, dvc_argv, stream_command
 
 
 @dataclass(frozen=True)
@@ -57,65 +39,21 @@ class StageResult:
     ran: bool
 
 
-def command_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The environment for DVC and its stages: this interpreter first on ``PATH``.
+def pipeline_stages(repo: Path) -> tuple[str, ...]:
+    """The stages of ``repo/dvc.yaml`` in the order written there, which is their run order.
 
-    ``PYTHONUNBUFFERED`` makes the stages' output arrive line by line, not at exit.
+    The flow runs exactly these, so a stage added to dvc.yaml is never left out of it.
+    :class:`OrchestrationError` when dvc.yaml is missing or declares no stages.
     """
-    env = dict(os.environ if base is None else base)
-    bin_dir = str(Path(sys.executable).parent)
-    path = env.get("PATH", "")
-    env["PATH"] = bin_dir + (os.pathsep + path if path else "")
-    env["PYTHONUNBUFFERED"] = "1"
-    env.setdefault("DVC_NO_ANALYTICS", "1")
-    return env
-
-
-def stream_command(
-    argv: Sequence[str],
-    cwd: Path,
-    sink: LineSink,
-    env: Mapping[str, str] | None = None,
-) -> CommandResult:
-    """Run ``argv`` in ``cwd``, pass each output line (no newline) to ``sink`` as it comes.
-
-    stderr is merged into stdout so the lines keep their order. Carriage returns end a
-    line too (progress bars). If anything interrupts the reading (an exception in
-    ``sink``, a cancelled task), the child process is killed, never left running.
-    """
-    tail: deque[str] = deque(maxlen=TAIL_LINES)
-    proc = subprocess.Popen(
-        list(argv),
-        cwd=cwd,
-        env=dict(env) if env is not None else None,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-        text=True,  # universal newlines: \r, \n and \r\n all end a line
-        encoding="utf-8",
-        errors="replace",
-        bufsize=1,
-    )
+    path = Path(repo) / "dvc.yaml"
     try:
-        assert proc.stdout is not None
-        for raw in proc.stdout:
-            line = raw.rstrip("\n")
-            if not line.strip():
-                continue
-            tail.append(line)
-            sink(line)
-        returncode = proc.wait()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
-    return CommandResult(tuple(argv), returncode, tuple(tail))
-
-
-def dvc_argv(*args: str) -> list[str]:
-    return [sys.executable, "-m", "dvc", *args]
+        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as err:
+        raise OrchestrationError(f"{path}: cannot read the pipeline: {err}") from err
+    stages = spec.get("stages") if isinstance(spec, dict) else None
+    if not isinstance(stages, dict) or not stages:
+        raise OrchestrationError(f"{path}: declares no stages")
+    return tuple(str(name) for name in stages)
 
 
 def run_dvc(repo: Path, args: Sequence[str], sink: LineSink) -> CommandResult:

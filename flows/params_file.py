@@ -3,7 +3,7 @@
 DVC decides what is stale by comparing ``params.yaml`` with ``dvc.lock``, and every stage
 reads ``params.yaml`` itself (``python -m pipeline <stage>``), so a run's parameters must
 be *in that file* before any stage runs. The file is composed from ``conf/`` by
-:func:`pipeline.profiles.compose_params`, the function DVC's ``exp run`` calls: the same
+:func:`pipeline.core.profiles.compose_params`, the function DVC's ``exp run`` calls: the same
 profile and overrides give the same file, byte for byte, and an override always wins
 over the profile. A run that names no profile and no parameters runs the file as it is,
 like ``dvc repro``.
@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.atomic import write_text
-from pipeline.config import Config, load_config
-from pipeline.errors import ConfigError
-from pipeline.profiles import compose_params, overrides_for
+from pipeline.core.atomic import write_text
+from pipeline.core.config import Config, load_config
+from pipeline.core.errors import ConfigError
+from pipeline.core.profiles import compose_params, overrides_for
 
 
 @dataclass(frozen=True)

@@ -2,12 +2,14 @@
 
 1. loads params.yaml once with the run's overrides (trials, parallelism, space,
    ``params``) and checks the search space before anything starts
-   (:func:`pipeline.sweep.check_sweep`: empty/malformed space, unknown setting, zero trials);
-2. connects to Dask (:func:`pipeline.sweep_cluster.dask_client`): the ``dask_address``
+   (:func:`pipeline.sweep.search.check_sweep`: empty/malformed space, unknown setting,
+   zero trials);
+2. connects to Dask (:func:`pipeline.sweep.cluster.dask_client`): the ``dask_address``
    parameter, else the environment variable ``MNIST_DASK_ADDRESS`` (read here, at the entry
    point), else ``sweep.dask_address``, else an embedded LocalCluster sized to the machine.
    An unreachable scheduler fails within ``sweep.connect_timeout_s``;
-3. scatters the train split to the workers and runs the trials (:func:`pipeline.sweep.run_sweep`);
+3. scatters the train split to the workers and runs the trials
+   (:func:`pipeline.sweep.search.run_sweep`);
 4. writes ``sweep.report_dir`` (CSV/JSON, Optuna plots, ``best.yaml``) and publishes the
    trials as a table artifact and a markdown summary.
 
@@ -18,7 +20,7 @@ the futures and the scheduler, which ``distributed.Client`` gives directly. With
 ``DaskTaskRunner`` every trial would be a Prefect task run executing on a worker, so every
 worker would need the Prefect API and the Prefect package, and a task re-run by Dask after
 its worker died would meet its own half-finished task run in the API. Here the workers
-run plain library functions (:func:`pipeline.sweep.dask_trial`) and need only this
+run plain library functions (:func:`pipeline.sweep.search.dask_trial`) and need only this
 package; Prefect sees the sweep as two tasks and gets every trial in the artifacts.
 """
 
@@ -33,10 +35,10 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from pipeline.config import Config, load_config
-from pipeline.sweep import SweepResult, check_sweep, load_sweep_data, run_sweep
-from pipeline.sweep_cluster import dask_client
-from pipeline.sweep_report import SweepReport, write_sweep_reports
+from pipeline.core.config import Config, load_config
+from pipeline.sweep.cluster import dask_client
+from pipeline.sweep.report import SweepReport, write_sweep_reports
+from pipeline.sweep.search import SweepResult, check_sweep, load_sweep_data, run_sweep
 
 ADDRESS_ENV = "MNIST_DASK_ADDRESS"
 TABLE_KEY = "sweep-trials"

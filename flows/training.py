@@ -5,10 +5,10 @@ The flow
 
 1. composes the run's profile and overrides into ``params.yaml`` with DVC's own Hydra
    composition, as ``dvc exp run -S`` does (see :mod:`flows.params_file`), and validates
-   it once (:func:`pipeline.config.load_config`), so DVC and every stage see exactly them;
+   it once (:func:`pipeline.core.config.load_config`), so DVC and every stage see exactly them;
 2. runs ``dvc repro --single-item <stage>`` for each stage of ``dvc.yaml`` in order;
    DVC skips what is up to date (asked through DVC's Python API; such a task run shows
-   as ``Skipped``); downloads retry inside :mod:`pipeline.sources`, so no stage is
+   as ``Skipped``); downloads retry inside :mod:`pipeline.data.sources`, so no stage is
    retried here;
 3. ends ``Rejected`` (a failed state) with the gate's reasons in one line when the gate
    rejects (promote does not run; no traceback: a rejection is an expected outcome);
@@ -30,14 +30,20 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.exceptions import TerminationSignal
 from prefect.states import Failed, State
 
-from flows.dvc_tasks import StageResult, gate_task, push_task, stage_task, status_task
-from flows.params_file import prepare_params, restore_params
-from flows.record import record_task
-from flows.reports import RunReport, build_report
-from pipeline.config import Config
-from pipeline.errors import GateRejected, OrchestrationError
+from flows.dvc_tasks import (
+    StageResult,
+    gate_task,
+    pipeline_stages,
+    push_task,
+    stage_task,
+    status_task,
+)
+from flows.params_file import PreparedParams, prepare_params, restore_params
+from flows.registry_tasks import record_task
+from pipeline.core.config import Config
+from pipeline.core.errors import GateRejected, OrchestrationError
+from pipeline.release.run_report import RunReport, build_report
 
-STAGES = ("ingest", "validate", "train", "evaluate", "export", "gate", "promote")
 REPORT_KEY = "training-report"
 PER_CLASS_KEY = "per-class-metrics"
 
@@ -71,6 +77,66 @@ def publish_report(
     return report
 
 
+class _Run:
+    """One flow run: the stages DVC ran or skipped, and the report of how it ended."""
+
+    def __init__(self, root: Path, prepared: PreparedParams) -> None:
+        self.root = root
+        self.prepared = prepared
+        self.cfg = prepared.cfg
+        self.stages = pipeline_stages(root)
+        self.done: dict[str, str] = {}
+        self.logger = get_run_logger()
+
+    def header(self, extra: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
+        stages = ", ".join(f"{s}: {self.done.get(s, 'not run')}" for s in self.stages)
+        return [
+            ("profile", self.cfg.profile),
+            ("overrides", ", ".join(self.prepared.overrides) or None),
+            ("params hash", self.cfg.params_hash()),
+            ("repository", str(self.root)),
+            ("stages", stages),
+            *extra,
+        ]
+
+    def run_stages(self) -> None:
+        """Every stage of dvc.yaml, in its order, as a task of its own."""
+        for stage in self.stages:
+            result = run_stage(self.root, stage, self.cfg)
+            self.done[stage] = "ran" if result.ran else "up to date"
+
+    def restore(self, why: str) -> None:
+        if restore_params(self.root / "params.yaml", self.prepared):
+            self.logger.warning("%s: params.yaml restored to its state before the run", why)
+
+    def rejected(self, err: GateRejected) -> State[Any]:
+        """Expected: the model is not good enough. One line and a Rejected state."""
+        self.done["gate"] = "rejected"
+        self.restore("gate rejected")
+        publish_report(self.root, self.cfg, f"Rejected: {err}", self.header([]))
+        return Failed(message=str(err), name="Rejected")
+
+    def failed(self, err: BaseException) -> None:
+        self.restore("run failed")
+        # A Prefect cancel reaches the flow process as SIGTERM (TerminationSignal).
+        cancelled = isinstance(err, TerminationSignal | KeyboardInterrupt)
+        outcome = "Cancelled" if cancelled else "Failed"
+        publish_report(
+            self.root, self.cfg, f"{outcome}: {type(err).__name__}: {err}", self.header([])
+        )
+
+    def completed(self, push: bool) -> None:
+        """DVC agrees, the report is published and complete; else OrchestrationError."""
+        status_task(self.root)
+        extra = [("push to DVC remote", push)]
+        report = publish_report(self.root, self.cfg, "Completed", self.header(extra))
+        if report.missing:
+            raise OrchestrationError(
+                "the pipeline finished but outputs the report needs are missing: "
+                + "; ".join(report.missing.values())
+            )
+
+
 @flow(
     name="training-pipeline",
     description="MNIST: ingest, validate, train, evaluate, export, gate, promote (through DVC).",
@@ -98,77 +164,50 @@ def training_pipeline(
 
     Returns a summary: profile, params hash, what each stage did, whether it pushed.
     """
-    logger = get_run_logger()
     root = Path(repo).expanduser().resolve() if repo else Path.cwd()
-    params_path = root / "params.yaml"
-    prepared = prepare_params(root, profile, params)
-    cfg = prepared.cfg
+    run = _Run(root, prepare_params(root, profile, params))
+    cfg = run.cfg
     do_push = cfg.flow.push_to_remote if push is None else push
     do_record = cfg.registry.record if record is None else record
-    logger.info(
-        "repo %s, profile %s, overrides %s, params hash %s",
-        root,
-        cfg.profile,
-        prepared.overrides or "none",
-        cfg.params_hash()[:12],
-    )
-    if prepared.changed:
-        logger.info("params.yaml composed with this run's parameters (as `dvc exp run -S`)")
-
-    done: dict[str, str] = {}
-
-    def header(extra: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
-        stages = ", ".join(f"{s}: {done.get(s, 'not run')}" for s in STAGES)
-        return [
-            ("profile", cfg.profile),
-            ("overrides", ", ".join(prepared.overrides) or None),
-            ("params hash", cfg.params_hash()),
-            ("repository", str(root)),
-            ("stages", stages),
-            *extra,
-        ]
-
+    _log_start(run)
     try:
-        for stage in STAGES:
-            result = run_stage(root, stage, cfg)
-            done[stage] = "ran" if result.ran else "up to date"
+        run.run_stages()
     except GateRejected as err:
-        # Expected: the model is not good enough. One line and a Rejected state, no traceback.
-        done["gate"] = "rejected"
-        if restore_params(params_path, prepared):
-            logger.warning("gate rejected: params.yaml restored to its state before the run")
-        publish_report(root, cfg, f"Rejected: {err}", header([]))
-        return Failed(message=str(err), name="Rejected")
+        return run.rejected(err)
     except BaseException as err:
-        if restore_params(params_path, prepared):
-            logger.warning("run failed: params.yaml restored to its state before the run")
-        # A Prefect cancel reaches the flow process as SIGTERM (TerminationSignal).
-        cancelled = isinstance(err, TerminationSignal | KeyboardInterrupt)
-        outcome = "Cancelled" if cancelled else "Failed"
-        publish_report(root, cfg, f"{outcome}: {type(err).__name__}: {err}", header([]))
+        run.failed(err)
         raise
-
-    status_task(root)
-    report = publish_report(root, cfg, "Completed", header([("push to DVC remote", do_push)]))
-    if report.missing:
-        raise OrchestrationError(
-            "the pipeline finished but outputs the report needs are missing: "
-            + "; ".join(report.missing.values())
-        )
-    recorded = None
-    if do_record:  # commit + tags; pushes DVC first, then git (when do_push)
-        recorded = record_task(root, cfg, do_push)
-    elif do_push:
-        push_task(root)
-    else:
-        logger.info("not pushing to the DVC remote (push disabled)")
+    run.completed(do_push)
     return {
         "profile": cfg.profile,
         "params_hash": cfg.params_hash(),
-        "stages": done,
+        "stages": run.done,
         "pushed": do_push,
-        "recorded": recorded,
+        "recorded": _publish(root, cfg, do_push, do_record),
     }
+
+
+def _log_start(run: _Run) -> None:
+    run.logger.info(
+        "repo %s, profile %s, overrides %s, params hash %s",
+        run.root,
+        run.cfg.profile,
+        run.prepared.overrides or "none",
+        run.cfg.params_hash()[:12],
+    )
+    if run.prepared.changed:
+        run.logger.info("params.yaml composed with this run's parameters (as `dvc exp run -S`)")
+
+
+def _publish(root: Path, cfg: Config, push: bool, record: bool) -> dict[str, Any] | None:
+    """Record the run (commit + tags; pushes DVC first, then git when ``push``) or push."""
+    if record:
+        return record_task(root, cfg, push)
+    if push:
+        push_task(root)
+    else:
+        get_run_logger().info("not pushing to the DVC remote (push disabled)")
+    return None
 
 
 if __name__ == "__main__":

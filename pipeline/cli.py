@@ -19,8 +19,8 @@ from typing import Any
 
 import yaml
 
-from pipeline.config import Config, config_from_dict, load_config, parse_params
-from pipeline.errors import ConfigError, OrchestrationError, PipelineError
+from pipeline.core.config import Config, config_from_dict, load_config, parse_params
+from pipeline.core.errors import ConfigError, OrchestrationError, PipelineError
 
 log = logging.getLogger("pipeline")
 
@@ -28,21 +28,21 @@ SOURCE_ENV = "MNIST_SOURCE"
 
 
 def _ingest(cfg: Config, args: argparse.Namespace) -> None:
-    from pipeline.ingest import ingest
+    from pipeline.data.ingest import ingest
 
     result = ingest(cfg.data)
     log.info("ingest: %s", result.summary())
 
 
 def _validate(cfg: Config, args: argparse.Namespace) -> None:
-    from pipeline.validate import run_validation
+    from pipeline.data.validate import run_validation
 
     result = run_validation(cfg.data.prepared_dir, cfg.validate)
     log.info("validate: %s", result.summary())
 
 
 def _train(cfg: Config, args: argparse.Namespace) -> None:
-    from pipeline.train import run_train_stage
+    from pipeline.training.train import run_train_stage
 
     run_train_stage(cfg, resume=args.resume)
     if args.resume:
@@ -53,8 +53,8 @@ def _train(cfg: Config, args: argparse.Namespace) -> None:
 
 
 def _resume(cfg: Config, args: argparse.Namespace) -> None:
-    from pipeline.dvc_record import TRAIN_STAGE, dvc_commit, require_dvc_project
-    from pipeline.train import run_train_stage
+    from pipeline.release.dvc_commit import TRAIN_STAGE, dvc_commit, require_dvc_project
+    from pipeline.training.train import run_train_stage
 
     # dvc.lock will claim the model was made from params.yaml: nothing else may differ.
     if args.overrides or args.profile or args.params != Path("params.yaml"):
@@ -68,51 +68,51 @@ def _resume(cfg: Config, args: argparse.Namespace) -> None:
 
 
 def _evaluate(cfg: Config, args: argparse.Namespace) -> None:
-    from pipeline.evaluate import run_evaluate_stage
+    from pipeline.quality.evaluate import run_evaluate_stage
 
     run_evaluate_stage(cfg)
 
 
 def _export(cfg: Config, args: argparse.Namespace) -> None:
-    from pipeline.export import run_export_stage
+    from pipeline.handoff.export import run_export_stage
 
     run_export_stage(cfg)
 
 
 def _gate(cfg: Config, args: argparse.Namespace) -> None:
-    from pipeline.gate import run_gate_stage
+    from pipeline.release.gate import run_gate_stage
 
     run_gate_stage(cfg)
 
 
 def _promote(cfg: Config, args: argparse.Namespace) -> None:
-    from pipeline.registry import promote
+    from pipeline.release.promote import promote
 
     promote(cfg)
 
 
 def _rollback(cfg: Config, args: argparse.Namespace) -> None:
     if args.to:
-        from pipeline.lineage import rollback_to
+        from pipeline.release.registry import rollback_to
 
         result = rollback_to(cfg, Path.cwd(), args.to, push=not args.no_push)
         log.info("rollback: %s", result.summary())
         return
-    from pipeline.registry import rollback
+    from pipeline.release.promote import rollback
 
     rollback(cfg)
 
 
 def _recover(cfg: Config, args: argparse.Namespace) -> None:
-    from pipeline.ingest import recover_data
-    from pipeline.registry import recover_registry
+    from pipeline.data.ingest import recover_data
+    from pipeline.release.promote import recover_registry
 
     done = recover_data(cfg.data) + recover_registry(cfg)
     log.info("recover: %s", "; ".join(done) if done else "nothing to do")
 
 
 def _record(cfg: Config, args: argparse.Namespace) -> None:
-    from pipeline.lineage import record
+    from pipeline.release.registry import record
 
     result = record(cfg, Path.cwd(), push=not args.no_push)
     log.info("record: %s", result.summary())
@@ -121,13 +121,13 @@ def _record(cfg: Config, args: argparse.Namespace) -> None:
 def _lineage(cfg: Config, args: argparse.Namespace) -> None:
     import json
 
-    from pipeline.lineage import lineage
+    from pipeline.release.registry import lineage
 
     print(json.dumps(lineage(cfg, Path.cwd(), args.version), indent=2, sort_keys=True))
 
 
 def _remotes(cfg: Config, args: argparse.Namespace) -> None:
-    from pipeline.remotes import check_dvc_remote, check_git_remote
+    from pipeline.release.remotes import check_dvc_remote, check_git_remote
 
     timeout = cfg.registry.command_timeout_s
     if cfg.registry.git_remote is None:
@@ -160,7 +160,7 @@ def _predict(cfg: Config, args: argparse.Namespace) -> None:
 
 
 def _sweep_apply(cfg: Config, args: argparse.Namespace) -> None:
-    from pipeline.sweep_apply import (
+    from pipeline.sweep.apply import (
         check_override,
         command_line,
         dvc_exp_command,
@@ -309,7 +309,7 @@ def config_from_args(args: argparse.Namespace, environ: dict[str, str]) -> Confi
     if source:
         overrides["data.source"] = source
     if args.profile:
-        from pipeline.profiles import compose_text, overrides_for
+        from pipeline.core.profiles import compose_text, overrides_for
 
         text = compose_text(Path(args.params).resolve().parent, overrides_for(args.profile, {}))
         return config_from_dict(parse_params(text, f"conf/ with profile {args.profile}"), overrides)

@@ -8,8 +8,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from pipeline.atomic import write_json
-from pipeline.stats import build_reference_profile, compute_stats
+from pipeline.core.atomic import write_json
+from pipeline.data.stats import build_reference_profile, compute_stats
 
 
 def main(argv: list[str]) -> int:

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from synthetic_digits import make_images
 
-from pipeline.config import Config, DataConfig, load_config
-from pipeline.dataset import images_path, labels_path
-from pipeline.idx import encode_images, encode_labels
-from pipeline.sources import FileSpec, SplitFiles
+from pipeline.core.config import Config, DataConfig, load_config
+from pipeline.data.dataset import images_path, labels_path
+from pipeline.data.idx import encode_images, encode_labels
+from pipeline.data.sources import FileSpec, SplitFiles
+from tests.helpers.synthetic_digits import make_images
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_MNIST = (ROOT.parent / "shared" / "mnist").resolve()
@@ -124,7 +124,7 @@ def stage_cfg(base_config: Config, tmp_path: Path, tiny_prepared: Path) -> Confi
 
 @pytest.fixture
 def tiny_prepared(tmp_path: Path) -> Path:
-    """A prepared dir with 200 train / 100 test synthetic images (pipeline/dataset.py layout)."""
+    """A prepared dir of 200 train / 100 test synthetic images (pipeline/data/dataset.py layout)."""
     out = tmp_path / "prepared"
     out.mkdir()
     rng = np.random.default_rng(1)
@@ -145,7 +145,7 @@ def mnist_source() -> Path:
 @pytest.fixture(scope="session")
 def mnist_prepared(tmp_path_factory: pytest.TempPathFactory, mnist_source: Path) -> Iterator[Path]:
     """The real dataset, ingested once per test session into a temporary data dir."""
-    from pipeline.ingest import ingest
+    from pipeline.data.ingest import ingest
 
     root = tmp_path_factory.mktemp("mnist")
     cfg = replace(
@@ -159,7 +159,7 @@ def mnist_prepared(tmp_path_factory: pytest.TempPathFactory, mnist_source: Path)
 @pytest.fixture(scope="session")
 def mnist_stats(tmp_path_factory: pytest.TempPathFactory, mnist_prepared: Path) -> Path:
     """metrics/data_stats.json of the real dataset (validate stage run once per session)."""
-    from pipeline.validate import run_validation
+    from pipeline.data.validate import run_validation
 
     root = tmp_path_factory.mktemp("validate")
     cfg = replace(

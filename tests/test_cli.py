@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from pipeline.cli import main
-from pipeline.errors import DownloadError
-from pipeline.model_io import save_model_file
+from pipeline.core.errors import DownloadError
+from pipeline.training.model_io import save_model_file
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,7 +57,7 @@ def test_multi_line_messages_print_on_one_line(
     def fail(*args: object) -> None:
         raise DownloadError("first line\n  second line\n")
 
-    monkeypatch.setattr("pipeline.ingest.ingest", fail)
+    monkeypatch.setattr("pipeline.data.ingest.ingest", fail)
     code, lines = run_cli(["ingest"], capsys)
     assert code == 1 and lines == ["error: DownloadError: first line | second line"]
 

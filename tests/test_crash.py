@@ -1,7 +1,7 @@
 """Crash consistency of ingest, promote and rollback: a SIGKILL at every kill point.
 
 For each scenario a clean run (in a forked child with the fault injector of
-``tests/fault_inject.py`` counting) lists the kill points: every rename, replace,
+``tests/helpers/fault_inject.py`` counting) lists the kill points: every rename, replace,
 ``renameat2`` exchange, unlink, rmdir and file write the stage makes. Then, for every
 k, a fresh copy of the starting workspace, a child that SIGKILLs itself at point k, and:
 
@@ -29,13 +29,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import fault_inject
 import pytest
 
-import pipeline.dirswap as dirswap
-from pipeline.config import Config, DataConfig
-from pipeline.ingest import ingest, recover_data
-from pipeline.registry import CARD_JSON, CARD_MD, promote, recover_registry, rollback
+import pipeline.core.dirswap as dirswap
+import tests.helpers.fault_inject as fault_inject
+from pipeline.core.config import Config, DataConfig
+from pipeline.data.ingest import ingest, recover_data
+from pipeline.release.promote import CARD_JSON, CARD_MD, promote, recover_registry, rollback
 
 pytestmark = pytest.mark.skipif(
     not sys.platform.startswith("linux"), reason="renameat2 and fork: Linux only"
@@ -233,9 +233,9 @@ def onnx_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     import onnx
     from onnx import TensorProto, helper
 
-    # promote reads the metadata through pipeline.export, which imports torch: import it
+    # promote reads the metadata through pipeline.handoff.export, which imports torch: import it
     # once here rather than in every forked child.
-    import pipeline.export  # noqa: F401
+    import pipeline.handoff.export  # noqa: F401
 
     root = tmp_path_factory.mktemp("crash-models")
     out = {}

@@ -9,8 +9,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import yaml
 
-from pipeline.config import load_config
-from pipeline.evaluate import CONFUSION_PLOT, confusion_figure
+from pipeline.core.config import load_config
+from pipeline.quality.evaluate import CONFUSION_PLOT, confusion_figure
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -37,8 +37,8 @@ def import_graph() -> dict[str, set[str]]:
 
 def test_graph_sees_lazy_imports() -> None:
     graph = import_graph()
-    assert "pipeline.train" in graph["pipeline.cli"]  # imported inside a function
-    assert "pipeline.contract" in graph["pipeline.export"]
+    assert "pipeline.training.train" in graph["pipeline.cli"]  # imported inside a function
+    assert "pipeline.core.contract" in graph["pipeline.handoff.export"]
 
 
 def test_no_import_cycles() -> None:
@@ -50,7 +50,47 @@ def test_no_import_cycles() -> None:
 
 
 def test_contract_needs_no_ml_stack() -> None:
-    tree = ast.parse((ROOT / "pipeline" / "contract.py").read_text())
+    tree = ast.parse((ROOT / "pipeline" / "core" / "contract.py").read_text())
     imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
     assert not imported & {"torch", "onnx", "onnxruntime", "numpy"}
+
+
+# The folders of pipeline/ and what each may import besides itself: one way, lowest first
+# (the README's layout section). pipeline/cli.py and flows/ sit on top of all of them.
+LAYERS: dict[str, frozenset[str]] = {
+    "core": frozenset(),
+    "data": frozenset({"core"}),
+    "training": frozenset({"core", "data"}),
+    "quality": frozenset({"core", "data", "training"}),
+    "handoff": frozenset({"core", "data", "training", "quality"}),
+    "release": frozenset({"core", "data", "training", "quality", "handoff"}),
+    "serving": frozenset({"core", "data", "training", "quality", "handoff", "release"}),
+    "sweep": frozenset({"core", "data", "training"}),
+}
+
+
+def folder(module: str) -> str | None:
+    """``pipeline.<folder>.x`` -> ``<folder>``; None for the top (cli, __main__, flows)."""
+    parts = module.split(".")
+    return parts[1] if parts[0] == "pipeline" and len(parts) > 2 else None
+
+
+def test_every_folder_has_a_layer() -> None:
+    found = {p.name for p in (ROOT / "pipeline").iterdir() if (p / "__init__.py").is_file()}
+    assert found == set(LAYERS)
+    flat = {p.name for p in (ROOT / "pipeline").glob("*.py")}
+    assert flat == {"__init__.py", "__main__.py", "cli.py"}, "new code goes in a folder"
+
+
+def test_folders_import_one_way() -> None:
+    wrong = sorted(
+        f"{name} -> {dep}"
+        for name, deps in import_graph().items()
+        if (src := folder(name)) is not None
+        for dep in deps
+        if dep.startswith("flows")
+        or (dep in ("pipeline.cli", "pipeline.__main__"))
+        or ((dst := folder(dep)) is not None and dst != src and dst not in LAYERS[src])
+    )
+    assert not wrong, "imports against the layer order:\n" + "\n".join(wrong)

@@ -1,6 +1,6 @@
 """dvc.yaml tells the truth: each stage declares the modules it imports and the keys it reads.
 
-The truth comes from the code, by static analysis (see ``tests/stage_deps.py`` for the
+The truth comes from the code, by static analysis (see ``scripts/stage_deps.py`` for the
 method and why it is static): the import closure of ``python -m pipeline <stage>`` and
 every config field read by a function that stage can reach. Declared module deps must
 equal the closure (a missing one leaves the stage stale after an edit; an extra one
@@ -10,7 +10,7 @@ the stage already declares as a dep or out: DVC tracks that file's content, whic
 what the stage consumes, and the check below that the key's value *is* that declared
 path keeps the two from drifting apart.
 
-``python tests/stage_deps.py`` prints what each stage must declare.
+``python scripts/stage_deps.py`` prints what each stage must declare.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ from typing import Any
 
 import pytest
 import yaml
-from stage_deps import PACKAGE, Schema, stage_use
 
-from pipeline.config import Config, load_config
+from pipeline.core.config import Config, load_config
+from scripts.stage_deps import PACKAGE, Schema, stage_use
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -94,22 +94,26 @@ def problems(root: Path) -> dict[str, list[str]]:
 
 def test_every_stage_declares_what_its_code_uses() -> None:
     found = problems(ROOT)
-    assert not found, "dvc.yaml out of date (python tests/stage_deps.py):\n" + yaml.safe_dump(found)
+    assert not found, "dvc.yaml out of date (python scripts/stage_deps.py):\n" + yaml.safe_dump(
+        found
+    )
 
 
 def test_the_analysis_sees_known_uses() -> None:
-    """Anchors: reads and imports the issue found missing from dvc.yaml are found."""
+    """Anchors: reads and imports once found missing from dvc.yaml are found."""
     schema = Schema.load()
     export = stage_use(ROOT, "export", schema)
     assert {"train.seed", "gate.max_regression", "export.quantize"} <= export.keys
-    assert {"pipeline/quantize.py", "pipeline/onnx_runtime.py", "pipeline/model_io.py"} <= (
-        export.files
-    )
+    assert {
+        "pipeline/handoff/quantize.py",
+        "pipeline/handoff/onnx_runtime.py",
+        "pipeline/training/model_io.py",
+    } <= (export.files)
     # a lazy import inside a function counts; other stages' handlers in cli.py do not
     assert "pipeline/serving/server.py" not in export.files
     train = stage_use(ROOT, "train", schema)
     assert "train" in train.keys  # to_dict(tc): the whole section
-    assert "pipeline/train.py" not in stage_use(ROOT, "evaluate", schema).files
+    assert "pipeline/training/train.py" not in stage_use(ROOT, "evaluate", schema).files
 
 
 @pytest.fixture
@@ -140,32 +144,32 @@ def _append_to_function(path: Path, function: str, code: str) -> None:
 
 def test_an_undeclared_lazy_import_fails_the_check(repo_copy: Path) -> None:
     _append_to_function(
-        repo_copy / PACKAGE / "evaluate.py",
+        repo_copy / PACKAGE / "quality" / "evaluate.py",
         "run_evaluate_stage",
-        "from pipeline.augment import prepare_batch  # noqa: F401\n",
+        "from pipeline.training.augment import prepare_batch  # noqa: F401\n",
     )
     found = problems(repo_copy)
     # augment.py and what it imports in turn: only the stage that imports it goes stale.
     assert set(found) == {"evaluate"}
-    assert "dep missing: pipeline/augment.py" in found["evaluate"]
+    assert "dep missing: pipeline/training/augment.py" in found["evaluate"]
 
 
 def test_an_import_reached_through_another_module_fails_the_check(repo_copy: Path) -> None:
-    (repo_copy / PACKAGE / "helper_new.py").write_text("VALUE = 1\n")
-    text = (repo_copy / PACKAGE / "stats.py").read_text()
-    (repo_copy / PACKAGE / "stats.py").write_text("import pipeline.helper_new\n" + text)
+    (repo_copy / PACKAGE / "data" / "helper_new.py").write_text("VALUE = 1\n")
+    stats = repo_copy / PACKAGE / "data" / "stats.py"
+    stats.write_text("import pipeline.data.helper_new\n" + stats.read_text())
     found = problems(repo_copy)
     # stats.py is imported by validate and train: both go stale.
     assert found == {
-        "validate": ["dep missing: pipeline/helper_new.py"],
-        "train": ["dep missing: pipeline/helper_new.py"],
+        "validate": ["dep missing: pipeline/data/helper_new.py"],
+        "train": ["dep missing: pipeline/data/helper_new.py"],
     }
 
 
 def test_an_undeclared_parameter_read_fails_the_check(repo_copy: Path) -> None:
     # Through an alias of a section, in a function the gate stage reaches.
     _append_to_function(
-        repo_copy / PACKAGE / "gate.py",
+        repo_copy / PACKAGE / "release" / "gate.py",
         "run_gate_stage",
         "tc = cfg.train\nif tc.label_smoothing > 0.5:\n    pass\n",
     )
@@ -174,7 +178,7 @@ def test_an_undeclared_parameter_read_fails_the_check(repo_copy: Path) -> None:
 
 def test_a_config_passed_to_untyped_code_counts_as_reading_all_of_it(repo_copy: Path) -> None:
     _append_to_function(
-        repo_copy / PACKAGE / "evaluate.py",
+        repo_copy / PACKAGE / "quality" / "evaluate.py",
         "run_evaluate_stage",
         "print(cfg.export)\n",
     )
@@ -184,30 +188,30 @@ def test_a_config_passed_to_untyped_code_counts_as_reading_all_of_it(repo_copy: 
 def test_a_removed_import_is_reported_as_an_extra_dep(repo_copy: Path) -> None:
     dvc_yaml = repo_copy / "dvc.yaml"
     stages = yaml.safe_load(dvc_yaml.read_text())
-    stages["stages"]["ingest"]["deps"].append(f"{PACKAGE}/augment.py")
+    stages["stages"]["ingest"]["deps"].append(f"{PACKAGE}/training/augment.py")
     dvc_yaml.write_text(yaml.safe_dump(stages))
-    assert problems(repo_copy) == {"ingest": ["dep not imported: pipeline/augment.py"]}
+    assert problems(repo_copy) == {"ingest": ["dep not imported: pipeline/training/augment.py"]}
 
 
 def test_the_report_script_runs() -> None:
     out = subprocess.run(
-        [sys.executable, "tests/stage_deps.py"],
+        [sys.executable, "scripts/stage_deps.py"],
         cwd=ROOT,
         capture_output=True,
         text=True,
         check=True,
         env={"PYTHONPATH": str(ROOT), "PATH": ""},
     ).stdout
-    assert "evaluate:\n  deps (modules):\n" in out and "    - pipeline/evaluate.py\n" in out
+    assert "evaluate:\n  deps (modules):\n" in out and "    - pipeline/quality/evaluate.py\n" in out
 
 
 def test_write_puts_the_closure_into_dvc_yaml(repo_copy: Path) -> None:
-    from stage_deps import write_module_deps
+    from scripts.stage_deps import write_module_deps
 
     _append_to_function(
-        repo_copy / PACKAGE / "evaluate.py",
+        repo_copy / PACKAGE / "quality" / "evaluate.py",
         "run_evaluate_stage",
-        "from pipeline.augment import prepare_batch  # noqa: F401\n",
+        "from pipeline.training.augment import prepare_batch  # noqa: F401\n",
     )
     before = (repo_copy / "dvc.yaml").read_text()
     missing = problems(repo_copy)["evaluate"]  # augment.py and what it imports

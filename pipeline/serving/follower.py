@@ -5,13 +5,13 @@ keeps its tags) and access to the DVC remote (``--dvc-remote-url`` or a DVC conf
 DVC's normal ``--config``). Every ``interval_s`` the follower
 
 1. lists the remote's tags (``git ls-remote --tags``, no clone) and resolves the version
-   assigned to the stage with GTO's tag format (:mod:`pipeline.gto_tags`);
+   assigned to the stage with GTO's tag format (:mod:`pipeline.release.tags`);
 2. when that version differs from the installed one, fetches the version's production
    directory (``model.onnx`` + ``model_card.json``) with ``dvc get --rev <tag>`` into a
    temporary directory, checks the model's sha256 against its model card and loads it
    with onnxruntime (contract included);
 3. installs the directory with the registry's directory swap
-   (:func:`pipeline.dirswap.replacing`) at ``model_dir/current``, which the server's
+   (:func:`pipeline.core.dirswap.replacing`) at ``model_dir/current``, which the server's
    :class:`~pipeline.serving.model_store.ModelStore` watches and hot-swaps from.
 
 Nothing here raises into the server: an unreachable git remote, an unreachable DVC
@@ -33,19 +33,20 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.atomic import sha256_file, write_json
-from pipeline.config import Config
-from pipeline.contract import MODEL_CARD_JSON, MODEL_FILE
-from pipeline.errors import ModelFileError, RegistryError
-from pipeline.gto_tags import (
+from pipeline.core.atomic import write_json
+from pipeline.core.config import Config
+from pipeline.core.contract import MODEL_FILE
+from pipeline.core.errors import ModelFileError, RegistryError
+from pipeline.handoff.onnx_runtime import Device
+from pipeline.release.tags import (
     StageAssignment,
     parse_ls_remote,
     parse_tags,
     registration_tag,
     stage_assignment,
 )
-from pipeline.onnx_runtime import Device
-from pipeline.vcs import run
+from pipeline.release.vcs import run
+from pipeline.release.verdict import checked_card
 
 log = logging.getLogger("pipeline.serving.follower")
 
@@ -182,20 +183,11 @@ class RegistryFollower:
         """sha256 against the model card, then a full onnxruntime load (contract checked)."""
         from pipeline.serving.model_store import load_model
 
-        model = directory / MODEL_FILE
         try:
-            card = json.loads((directory / MODEL_CARD_JSON).read_text(encoding="utf-8"))
-        except (FileNotFoundError, json.JSONDecodeError) as err:
-            raise ModelFileError(f"{wanted.version}: model card unreadable: {err}") from err
-        if not model.is_file():
-            raise ModelFileError(f"{wanted.version}: {MODEL_FILE} missing from the fetch")
-        sha = sha256_file(model)
-        if card.get("sha256") != sha:
-            raise ModelFileError(
-                f"{wanted.version}: {MODEL_FILE} sha256 {sha[:12]} differs from its model "
-                f"card's {str(card.get('sha256'))[:12]}"
-            )
-        load_model(model, self.device, self.intra_op_threads)
+            sha = str(checked_card(directory)["sha256"])
+        except ModelFileError as err:
+            raise ModelFileError(f"{wanted.version}: {err}") from err
+        load_model(directory / MODEL_FILE, self.device, self.intra_op_threads)
         return sha
 
     def poll(self) -> bool:
@@ -264,7 +256,7 @@ class RegistryFollower:
         return True
 
     def _install(self, directory: Path) -> None:
-        from pipeline.dirswap import replacing
+        from pipeline.core.dirswap import replacing
 
         with replacing([self.model_dir / INSTALLED]) as (staged,):
             shutil.copytree(directory, staged, dirs_exist_ok=True)

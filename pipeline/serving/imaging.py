@@ -26,10 +26,10 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from pipeline.errors import ImageDecodeError
+from pipeline.core.contract import DIGIT_BOX as BOX
+from pipeline.core.contract import IMAGE_SIDE as SIDE
+from pipeline.core.errors import ImageDecodeError
 
-SIDE = 28
-BOX = 20
 COM_TARGET = 14.0
 ALLOWED_FORMATS = ("PNG", "JPEG")
 # Ink must rise this far above the background (0..255) to count as a digit at all.

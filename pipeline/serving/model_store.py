@@ -24,10 +24,17 @@ import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 
-from pipeline.atomic import sha256_bytes
-from pipeline.contract import INPUT_NAME, MODEL_FILE, OUTPUT_NAMES, check_io
-from pipeline.errors import ModelFileError
-from pipeline.onnx_runtime import CPU, CUDA, Device, Session, create_session, requested_providers
+from pipeline.core.atomic import sha256_bytes
+from pipeline.core.contract import INPUT_NAME, MODEL_FILE, OUTPUT_NAMES, check_io
+from pipeline.core.errors import ModelFileError
+from pipeline.handoff.onnx_runtime import (
+    CPU,
+    CUDA,
+    Device,
+    Session,
+    create_session,
+    requested_providers,
+)
 
 log = logging.getLogger("pipeline.serving")
 
@@ -117,7 +124,7 @@ def _io_spec(args: list[Any]) -> list[dict[str, Any]]:
 
 
 def _check_contract(sess: Session, path: Path) -> None:
-    """Refuse a model whose inputs/outputs differ from :mod:`pipeline.contract`."""
+    """Refuse a model whose inputs/outputs differ from :mod:`pipeline.core.contract`."""
 
     def spec(args: list[Any]) -> dict[str, tuple[str, list[str]]]:
         return {a.name: (a.type, [str(d) for d in a.shape]) for a in args}
@@ -146,7 +153,7 @@ def _producer(data: bytes, producer_name: str) -> str:
 def confidence_threshold(metadata: dict[str, str], path: Path) -> float | None:
     """The model's abstention threshold from its ``metadata_props``, in ``[0, 1]``.
 
-    None when the file records none (a model exported before issue 12). A value that is
+    None when the file records none (a model exported before calibration). A value that is
     not a number in ``[0, 1]`` refuses the model (:class:`ModelFileError`): the service
     must not flag answers confident against a threshold it cannot read.
     """

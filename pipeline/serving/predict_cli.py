@@ -18,9 +18,9 @@ from typing import TextIO
 
 import numpy as np
 
-from pipeline.config import Config
-from pipeline.errors import ImageDecodeError
-from pipeline.onnx_runtime import Device
+from pipeline.core.config import Config
+from pipeline.core.errors import ImageDecodeError
+from pipeline.handoff.onnx_runtime import Device
 from pipeline.serving.imaging import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE, to_mnist
 from pipeline.serving.model_store import MODEL_FILE, is_confident, load_model
 

@@ -3,71 +3,22 @@
 from __future__ import annotations
 
 import json
-import os
-import sys
-import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from flows.dvc_tasks import (
-    command_env,
     dvc_push,
     gate_rejection,
+    pipeline_stages,
     repro_gate,
     repro_stage,
     stale_stages,
-    stream_command,
 )
-from pipeline.errors import GateRejected, OrchestrationError
+from pipeline.core.errors import GateRejected, OrchestrationError
 
-
-def _py(code: str) -> list[str]:
-    return [sys.executable, "-c", code]
-
-
-def test_stream_command_passes_lines_in_order_as_they_arrive(tmp_path: Path) -> None:
-    code = (
-        "import sys, time\n"
-        "print('one'); sys.stdout.flush()\n"
-        "print('two on stderr', file=sys.stderr); sys.stderr.flush()\n"
-        "time.sleep(1.0)\n"
-        "sys.stdout.write('progress 1\\rprogress 2\\n'); sys.stdout.flush()\n"
-        "sys.exit(3)\n"
-    )
-    seen: list[tuple[float, str]] = []
-    start = time.monotonic()
-    result = stream_command(_py(code), tmp_path, lambda line: seen.append((time.monotonic(), line)))
-    assert [line for _, line in seen] == ["one", "two on stderr", "progress 1", "progress 2"]
-    assert result.returncode == 3 and not result.ok
-    assert result.tail == ("one", "two on stderr", "progress 1", "progress 2")
-    # Streamed, not collected at exit: the first line came before the one-second sleep ended.
-    assert seen[0][0] - start < seen[-1][0] - start - 0.5
-
-
-def test_stream_command_kills_the_child_when_the_sink_fails(tmp_path: Path) -> None:
-    pid_file = tmp_path / "pid"
-    code = (
-        "import os, sys, time\n"
-        f"open({str(pid_file)!r}, 'w').write(str(os.getpid()))\n"
-        "print('first', flush=True)\n"
-        "time.sleep(60)\n"
-    )
-
-    def sink(line: str) -> None:
-        raise RuntimeError("logger broke")
-
-    with pytest.raises(RuntimeError, match="logger broke"):
-        stream_command(_py(code), tmp_path, sink)
-    pid = int(pid_file.read_text())
-    with pytest.raises(ProcessLookupError):
-        os.kill(pid, 0)
-
-
-def test_command_env_puts_this_interpreter_first() -> None:
-    env = command_env({"PATH": "/usr/bin", "KEEP": "1"})
-    assert env["PATH"].split(os.pathsep) == [str(Path(sys.executable).parent), "/usr/bin"]
-    assert env["KEEP"] == "1" and env["PYTHONUNBUFFERED"] == "1"
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_gate_rejection_message_lists_every_reason() -> None:
@@ -136,3 +87,38 @@ def test_broken_gate_is_not_mistaken_for_a_rejection(fake_project: Path) -> None
     with pytest.raises(OrchestrationError, match="stage 'gate'") as info:
         repro_gate(fake_project, "gate", Path("reports/gate.json"), print)
     assert not isinstance(info.value, GateRejected)
+
+
+def _paths(entries: list[object]) -> list[str]:
+    """dvc.yaml ``outs``/``metrics``/``plots`` entries (a path, or ``{path: options}``)."""
+    return [str(next(iter(e))) if isinstance(e, dict) else str(e) for e in entries]
+
+
+def test_the_flow_runs_every_dvc_stage_each_after_what_it_needs() -> None:
+    stages = pipeline_stages(ROOT)
+    spec = yaml.safe_load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
+    assert stages == tuple(spec) and len(stages) >= 7
+    made_by = {
+        out: name
+        for name, stage in spec.items()
+        for kind in ("outs", "metrics", "plots")
+        for out in _paths(stage.get(kind, []))
+    }
+    needs = [
+        (name, maker)
+        for name in stages
+        for dep in _paths(spec[name].get("deps", []))
+        for out, maker in made_by.items()
+        if dep == out or dep.startswith(out.rstrip("/") + "/")
+    ]
+    assert {name for name, _ in needs} >= set(stages[1:])  # every stage but ingest needs one
+    for name, maker in needs:
+        assert stages.index(maker) < stages.index(name), f"{name} runs before {maker}"
+
+
+def test_pipeline_stages_names_a_missing_or_empty_dvc_yaml(tmp_path: Path) -> None:
+    with pytest.raises(OrchestrationError, match="cannot read the pipeline"):
+        pipeline_stages(tmp_path)
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    with pytest.raises(OrchestrationError, match="declares no stages"):
+        pipeline_stages(tmp_path)

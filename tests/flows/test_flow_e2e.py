@@ -1,6 +1,6 @@
 """End to end: ``prefect.yaml`` on a real Prefect server, a process worker, the real pipeline.
 
-Everything runs as separate processes, the way the README sets it up:
+Everything runs as separate processes, the way docs/orchestration.md sets it up:
 
 - a copy of this checkout (tracked and untracked-but-not-ignored files, so uncommitted
   work is tested too) made into a fresh git repository, its DVC remote pointed at a
@@ -371,20 +371,17 @@ def dvc_status(repo: Path, env: Mapping[str, str]) -> Any:
     return json.loads("\n".join(lines[starts[-1] :]))
 
 
-# --- the test ----------------------------------------------------------------------------
+# --- the test's steps ---------------------------------------------------------------------
 
 
-def test_deployments_run_the_pipeline_through_a_worker(
-    project: Path, prefect_server: Server, mnist_source: Path, tmp_path: Path
-) -> None:
-    server = prefect_server
-    env = {**server.env, "MNIST_PIPELINE_DIR": str(project)}
-    real_params = (ROOT / "params.yaml").read_bytes()
-
-    # The README's setup: a process work pool, then every deployment of prefect.yaml.
+def deploy(project: Path, env: Mapping[str, str]) -> None:
+    """docs/orchestration.md's setup: a process work pool, then every deployment of prefect.yaml."""
     run([*PREFECT, "work-pool", "create", POOL, "--type", "process"], project, env)
     run([*PREFECT, "deploy", "--all", "--no-prompt"], project, env)
 
+
+def check_deployments(server: Server, project: Path) -> None:
+    """Both deployments: entrypoint, pool, concurrency limit, pull step; the nightly cron."""
     manual = server.get(f"/deployments/name/{MANUAL}")
     nightly = server.get(f"/deployments/name/{NIGHTLY}")
     for deployment in (manual, nightly):
@@ -399,57 +396,96 @@ def test_deployments_run_the_pipeline_through_a_worker(
     [schedule] = [s["schedule"] for s in nightly["schedules"]]
     assert (schedule["cron"], schedule["timezone"]) == ("0 2 * * *", "Europe/Berlin")
 
+
+def start_worker(env: Mapping[str, str], mnist_source: Path, tmp_path: Path) -> Background:
+    """``prefect worker start`` on the pool, one run at a time, log in ``worker.log``."""
     worker_env = {**env, "MNIST_SOURCE": str(mnist_source), "PREFECT_WORKER_QUERY_SECONDS": "2"}
-    worker = Background.start(
+    return Background.start(
         "worker",
         [*PREFECT, "worker", "start", "--pool", POOL, "--limit", "1"],
         tmp_path,  # not the checkout: the deployment's pull step must get the run there
         worker_env,
         tmp_path / "worker.log",
     )
+
+
+def check_run_reports(server: Server, run_id: str, project: Path, why: str) -> None:
+    """The run published the markdown report and the per-class table."""
+    found = artifacts(server, run_id)
+    assert REPORT_KEY in found and PER_CLASS_KEY in found, f"artifacts: {sorted(found)}\n{why}"
+    assert found[REPORT_KEY]["type"] == "markdown"
+    assert found[PER_CLASS_KEY]["type"] == "table"
+    report = found[REPORT_KEY]["data"]
+    assert "Training pipeline run: Completed" in report and str(project) in report, report
+    assert "quick" in report, report
+
+
+def check_promoted_clean_unpushed(
+    project: Path, env: Mapping[str, str], tmp_path: Path, why: str
+) -> None:
+    """A production model is in place, ``dvc status`` is clean, the DVC remote untouched."""
+    production = project / "models" / "production"
+    assert (production / "model.onnx").is_file(), why
+    status = dvc_status(project, env)
+    assert status == {}, f"dvc status is not clean after the run: {status}"
+    assert not any((tmp_path / "dvc-remote").iterdir()), "push=false, yet the remote was written"
+
+
+def check_quick_run_completes(
+    server: Server, worker: Background, project: Path, env: Mapping[str, str], tmp_path: Path
+) -> None:
+    """Quick profile, no push: completes, reports, promotes; DVC agrees."""
+    run_id = trigger(server, project, "profile=quick", "push=false")
+    flow_run = wait_final(server, worker, run_id, FIRST_RUN_TIMEOUT_S)
+    why = diagnostics(server, worker, run_id)
+    assert flow_run["state"]["type"] == "COMPLETED", why
+    assert flow_run["parameters"] == {"profile": "quick", "push": False}, why
+    check_run_reports(server, run_id, project, why)
+    check_promoted_clean_unpushed(project, env, tmp_path, why)
+
+
+def check_impossible_gate_rejects(server: Server, worker: Background, project: Path) -> None:
+    """An impossible floor: the gate rejects, the run fails with the gate's reasons,
+    and neither the production model nor params.yaml changes."""
+    production = project / "models" / "production"
+    before = sha256_tree(production)
+    params_before = (project / "params.yaml").read_bytes()
+    run_id = trigger(
+        server, project, "profile=quick", 'params={"gate.min_accuracy": 0.9999}', "push=false"
+    )
+    flow_run = wait_final(server, worker, run_id, SECOND_RUN_TIMEOUT_S)
+    why = diagnostics(server, worker, run_id)
+    state = flow_run["state"]
+    assert state["type"] == "FAILED", why
+    message = state.get("message") or ""
+    assert "gate rejected" in message and "floor 0.9999" in message, why
+    assert sha256_tree(production) == before, "a rejected candidate changed models/production"
+    assert (project / "params.yaml").read_bytes() == params_before, "params.yaml not restored"
+    failed_report = artifacts(server, run_id).get(REPORT_KEY)
+    assert failed_report is not None, why
+    assert "Training pipeline run: Rejected" in failed_report["data"], failed_report["data"]
+    assert state["name"] == "Rejected", why
+
+
+# --- the test ----------------------------------------------------------------------------
+
+
+def test_deployments_run_the_pipeline_through_a_worker(
+    project: Path, prefect_server: Server, mnist_source: Path, tmp_path: Path
+) -> None:
+    server = prefect_server
+    env = {**server.env, "MNIST_PIPELINE_DIR": str(project)}
+    real_params = (ROOT / "params.yaml").read_bytes()
+
+    deploy(project, env)
+    check_deployments(server, project)
+    worker = start_worker(env, mnist_source, tmp_path)
     try:
         # 1. Quick profile, no push: completes, reports, promotes; DVC agrees.
-        run_id = trigger(server, project, "profile=quick", "push=false")
-        flow_run = wait_final(server, worker, run_id, FIRST_RUN_TIMEOUT_S)
-        why = diagnostics(server, worker, run_id)
-        assert flow_run["state"]["type"] == "COMPLETED", why
-        assert flow_run["parameters"] == {"profile": "quick", "push": False}, why
-
-        found = artifacts(server, run_id)
-        assert REPORT_KEY in found and PER_CLASS_KEY in found, f"artifacts: {sorted(found)}\n{why}"
-        assert found[REPORT_KEY]["type"] == "markdown"
-        assert found[PER_CLASS_KEY]["type"] == "table"
-        report = found[REPORT_KEY]["data"]
-        assert "Training pipeline run: Completed" in report and str(project) in report, report
-        assert "quick" in report, report
-
-        production = project / "models" / "production"
-        assert (production / "model.onnx").is_file(), why
-        status = dvc_status(project, env)
-        assert status == {}, f"dvc status is not clean after the run: {status}"
-        assert not any((tmp_path / "dvc-remote").iterdir()), (
-            "push=false, yet the remote was written"
-        )
-
+        check_quick_run_completes(server, worker, project, env, tmp_path)
         # 2. An impossible floor: the gate rejects, the run fails with the gate's reasons,
         # and neither the production model nor params.yaml changes.
-        before = sha256_tree(production)
-        params_before = (project / "params.yaml").read_bytes()
-        run_id = trigger(
-            server, project, "profile=quick", 'params={"gate.min_accuracy": 0.9999}', "push=false"
-        )
-        flow_run = wait_final(server, worker, run_id, SECOND_RUN_TIMEOUT_S)
-        why = diagnostics(server, worker, run_id)
-        state = flow_run["state"]
-        assert state["type"] == "FAILED", why
-        message = state.get("message") or ""
-        assert "gate rejected" in message and "floor 0.9999" in message, why
-        assert sha256_tree(production) == before, "a rejected candidate changed models/production"
-        assert (project / "params.yaml").read_bytes() == params_before, "params.yaml not restored"
-        failed_report = artifacts(server, run_id).get(REPORT_KEY)
-        assert failed_report is not None, why
-        assert "Training pipeline run: Rejected" in failed_report["data"], failed_report["data"]
-        assert state["name"] == "Rejected", why
+        check_impossible_gate_rejects(server, worker, project)
     finally:
         worker.stop()
 

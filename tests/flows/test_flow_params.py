@@ -10,9 +10,9 @@ import pytest
 import yaml
 
 from flows.params_file import prepare_params, restore_params
-from pipeline.config import load_config
-from pipeline.errors import ConfigError
-from pipeline.profiles import compose_text
+from pipeline.core.config import load_config
+from pipeline.core.errors import ConfigError
+from pipeline.core.profiles import compose_text
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -19,8 +19,8 @@ import pytest
 import yaml
 
 from flows.sweep import SUMMARY_KEY, TABLE_KEY, hyperparameter_sweep
-from pipeline.dataset import images_path, labels_path
-from pipeline.errors import ClusterError, ConfigError
+from pipeline.core.errors import ClusterError, ConfigError
+from pipeline.data.dataset import images_path, labels_path
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -94,7 +94,7 @@ def test_flow_sweeps_on_an_embedded_local_cluster(prefect_harness: None, sweep_r
     assert "train.lr" in rows[0]
     assert "best: trial" in str(read_artifact(SUMMARY_KEY).data)
 
-    # The README's next step, printed only: the dvc command that applies it.
+    # The next step of docs/sweeps.md, printed only: the dvc command that applies it.
     proc = subprocess.run(
         [sys.executable, "-m", "pipeline", "sweep-apply", str(out / "best.yaml"), "--dry-run"],
         cwd=sweep_repo,

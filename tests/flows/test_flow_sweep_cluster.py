@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 from flows.sweep import hyperparameter_sweep
-from pipeline.dataset import images_path, labels_path
+from pipeline.data.dataset import images_path, labels_path
 
 ROOT = Path(__file__).resolve().parents[2]
 DASK = str(Path(sys.executable).parent / "dask")

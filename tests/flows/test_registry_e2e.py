@@ -29,19 +29,20 @@ from pathlib import Path
 
 import httpx
 import pytest
-from test_flow_e2e import (
+
+from tests.flows.test_flow_e2e import (
     BIN,
-    POOL,
-    PREFECT,
     ROOT,
     Background,
     Server,
+    deploy,
     diagnostics,
     free_port,
     mnist_source,
     prefect_server,
     project,
     run,
+    start_worker,
     tail,
     trigger,
     wait_final,
@@ -59,6 +60,18 @@ RUN_TIMEOUT_S = 1800
 # lowered to match (the impossible-gate run raises it again).
 SMALL = {"train.max_train_samples": 6000, "gate.min_accuracy": 0.0}
 IMAGE = [[[0.0] * 28] * 28]
+# The runs that record: (version B must serve after it, the run's parameters).
+RECORDED_RUNS = [
+    ("v1.0.0", ["profile=quick", f"params={json.dumps(SMALL)}"]),
+    # Another seed; the regression allowance is opened so the gate judges the floor.
+    (
+        "v1.1.0",
+        [
+            "profile=quick",
+            f"params={json.dumps({**SMALL, 'train.seed': 1, 'gate.max_regression': 1.0})}",
+        ],
+    ),
+]
 
 
 @dataclass
@@ -173,6 +186,124 @@ def remote_state(origin: Path, cwd: Path) -> tuple[str, list[str]]:
     return heads, sorted(line.split("\t")[1] for line in tags.splitlines())
 
 
+@dataclass
+class Story:
+    """The test's log (written out at the end) and the version switch times seen on B."""
+
+    lines: list[str] = field(default_factory=list)
+    switches: list[tuple[str, float]] = field(default_factory=list)
+
+    def note(self, text: str) -> None:
+        self.lines.append(f"{time.strftime('%H:%M:%S')} {text}")
+
+
+# --- the test's steps ---------------------------------------------------------------------
+
+
+def check_run_recorded_and_served(
+    server: Server,
+    worker: Background,
+    project: Path,
+    url: str,
+    version: str,
+    params: list[str],
+    story: Story,
+) -> None:
+    """A run completes, and B serves the version it recorded (switch time noted)."""
+    started = time.time()
+    run_id = trigger(server, project, *params)
+    flow_run = wait_final(server, worker, run_id, RUN_TIMEOUT_S)
+    why = diagnostics(server, worker, run_id)
+    assert flow_run["state"]["type"] == "COMPLETED", why
+    done = time.time()
+    story.note(f"run {params}: COMPLETED in {done - started:.0f} s")
+    switch = wait_version(url, version, done, 2 * INTERVAL_S + 60)
+    story.note(f"B serves {version} {switch:.1f} s after the flow run completed")
+    story.switches.append((version, switch))
+
+
+def check_rollback_served(project: Path, env: dict[str, str], url: str, story: Story) -> None:
+    """``rollback --to v1.0.0`` on A, and B serves v1.0.0 again (switch time noted)."""
+    started = time.time()
+    out = run([sys.executable, "-m", "pipeline", "rollback", "--to", "v1.0.0"], project, env)
+    done = time.time()
+    story.note(f"rollback --to v1.0.0 on A took {done - started:.1f} s {out.strip()[-200:]}")
+    switch = wait_version(url, "v1.0.0", done, 2 * INTERVAL_S + 60)
+    story.note(f"B serves v1.0.0 again {switch:.1f} s after the rollback")
+    story.switches.append(("v1.0.0 (rollback)", switch))
+
+
+def check_rejected_run_changes_nothing(
+    server: Server,
+    worker: Background,
+    project: Path,
+    origin: Path,
+    tmp_path: Path,
+    url: str,
+    story: Story,
+) -> None:
+    """An impossible gate fails the run, adds no commit or tag, and B keeps serving v1.0.0."""
+    before = remote_state(origin, tmp_path)
+    run_id = trigger(server, project, "profile=quick", 'params={"gate.min_accuracy": 0.9999}')
+    flow_run = wait_final(server, worker, run_id, RUN_TIMEOUT_S)
+    state = flow_run["state"]
+    assert state["type"] == "FAILED", diagnostics(server, worker, run_id)
+    assert "gate rejected" in (state.get("message") or "")
+    story.note(f"impossible gate: {state['type']}: {(state.get('message') or '')[:160]}")
+    time.sleep(2 * INTERVAL_S)
+    assert remote_state(origin, tmp_path) == before, "a rejected gate changed the registry"
+    info = httpx.get(url + "/v1/model", timeout=10).json()
+    assert info["registry_version"] == "v1.0.0", info["registry"]
+    story.note("after the rejected run: no new commit or tag on origin; B still serves v1.0.0")
+
+
+def stop_traffic(traffic: Traffic, thread: threading.Thread) -> None:
+    traffic.stop.set()
+    if thread.is_alive():
+        thread.join(timeout=60)
+
+
+def note_traffic(story: Story, traffic: Traffic) -> None:
+    story.note(f"requests to B: {traffic.ok} ok, {len(traffic.failed)} failed")
+    story.note(f"answers by version: {dict(traffic.versions)}")
+    story.note(f"version switches seen by the client: {traffic.first_seen}")
+    for failure in traffic.failed[:20]:
+        story.note(f"FAILED request: {failure}")
+
+
+def note_registry(story: Story, origin: Path, tmp_path: Path) -> None:
+    """``gto show`` and ``gto history`` of origin (a failure to run them is logged too)."""
+    gto = str(BIN / "gto")
+    for argv in ([gto, "show", "-r", str(origin)], [gto, "history", "-r", str(origin)]):
+        try:
+            shown = run(argv, tmp_path, dict(os.environ))
+        except AssertionError as err:
+            shown = str(err)
+        story.lines.append(f"$ {' '.join(argv[1:])}\n{shown}")
+
+
+def write_story(story: Story, b_process: Background, tmp_path: Path) -> None:
+    """B's log tail appended; the log to registry-e2e.txt, $REGISTRY_E2E_LOG and stdout."""
+    story.lines.append("--- service B log (tail) ---\n" + tail(b_process.log, 40))
+    text = "\n".join(story.lines) + "\n"
+    (tmp_path / "registry-e2e.txt").write_text(text)
+    if os.environ.get("REGISTRY_E2E_LOG"):
+        Path(os.environ["REGISTRY_E2E_LOG"]).write_text(text)
+    print(text)
+
+
+def check_no_request_failed(traffic: Traffic) -> None:
+    assert traffic.ok > 0 and not traffic.failed, traffic.failed[:5]
+
+
+def check_switches_within_two_intervals(switches: list[tuple[str, float]]) -> None:
+    slow = [(v, round(s, 1)) for v, s in switches if s > 2 * INTERVAL_S]
+    assert not slow, f"B took longer than two poll intervals ({2 * INTERVAL_S} s): {slow}"
+
+
+# --- the test ----------------------------------------------------------------------------
+
+
 def test_worker_records_and_service_follows(
     project: Path,
     origin: Path,
@@ -183,96 +314,27 @@ def test_worker_records_and_service_follows(
 ) -> None:
     server = prefect_server
     url, b_process = service
-    log_lines: list[str] = []
-    switches: list[tuple[str, float]] = []  # asserted at the end: the whole story runs first
-
-    def note(text: str) -> None:
-        log_lines.append(f"{time.strftime('%H:%M:%S')} {text}")
+    story = Story()  # switches asserted at the end: the whole story runs first
 
     env = {**server.env, "MNIST_PIPELINE_DIR": str(project)}
-    run([*PREFECT, "work-pool", "create", POOL, "--type", "process"], project, env)
-    run([*PREFECT, "deploy", "--all", "--no-prompt"], project, env)
-    worker_env = {**env, "MNIST_SOURCE": str(mnist_source), "PREFECT_WORKER_QUERY_SECONDS": "2"}
-    worker = Background.start(
-        "worker",
-        [*PREFECT, "worker", "start", "--pool", POOL, "--limit", "1"],
-        tmp_path,
-        worker_env,
-        tmp_path / "worker.log",
-    )
+    deploy(project, env)
+    worker = start_worker(env, mnist_source, tmp_path)
     ready = httpx.get(url + "/readyz", timeout=10)
-    note(f"B before any version: /readyz {ready.status_code} {ready.text[:200]}")
+    story.note(f"B before any version: /readyz {ready.status_code} {ready.text[:200]}")
     traffic = Traffic(url)
     thread = threading.Thread(target=traffic.loop, daemon=True)
     try:
-        runs = [
-            ("v1.0.0", ["profile=quick", f"params={json.dumps(SMALL)}"]),
-            # Another seed; the regression allowance is opened so the gate judges the floor.
-            (
-                "v1.1.0",
-                [
-                    "profile=quick",
-                    f"params={json.dumps({**SMALL, 'train.seed': 1, 'gate.max_regression': 1.0})}",
-                ],
-            ),
-        ]
-        for version, params in runs:
-            started = time.time()
-            run_id = trigger(server, project, *params)
-            flow_run = wait_final(server, worker, run_id, RUN_TIMEOUT_S)
-            why = diagnostics(server, worker, run_id)
-            assert flow_run["state"]["type"] == "COMPLETED", why
-            done = time.time()
-            note(f"run {params}: COMPLETED in {done - started:.0f} s")
-            switch = wait_version(url, version, done, 2 * INTERVAL_S + 60)
-            note(f"B serves {version} {switch:.1f} s after the flow run completed")
-            switches.append((version, switch))
+        for version, params in RECORDED_RUNS:
+            check_run_recorded_and_served(server, worker, project, url, version, params, story)
             if not thread.is_alive():
                 thread.start()  # from the first served version on: no request may fail
-
-        started = time.time()
-        out = run([sys.executable, "-m", "pipeline", "rollback", "--to", "v1.0.0"], project, env)
-        done = time.time()
-        note(f"rollback --to v1.0.0 on A took {done - started:.1f} s {out.strip()[-200:]}")
-        switch = wait_version(url, "v1.0.0", done, 2 * INTERVAL_S + 60)
-        note(f"B serves v1.0.0 again {switch:.1f} s after the rollback")
-        switches.append(("v1.0.0 (rollback)", switch))
-
-        before = remote_state(origin, tmp_path)
-        run_id = trigger(server, project, "profile=quick", 'params={"gate.min_accuracy": 0.9999}')
-        flow_run = wait_final(server, worker, run_id, RUN_TIMEOUT_S)
-        state = flow_run["state"]
-        assert state["type"] == "FAILED", diagnostics(server, worker, run_id)
-        assert "gate rejected" in (state.get("message") or "")
-        note(f"impossible gate: {state['type']}: {(state.get('message') or '')[:160]}")
-        time.sleep(2 * INTERVAL_S)
-        assert remote_state(origin, tmp_path) == before, "a rejected gate changed the registry"
-        info = httpx.get(url + "/v1/model", timeout=10).json()
-        assert info["registry_version"] == "v1.0.0", info["registry"]
-        note("after the rejected run: no new commit or tag on origin; B still serves v1.0.0")
+        check_rollback_served(project, env, url, story)
+        check_rejected_run_changes_nothing(server, worker, project, origin, tmp_path, url, story)
     finally:
-        traffic.stop.set()
-        if thread.is_alive():
-            thread.join(timeout=60)
+        stop_traffic(traffic, thread)
         worker.stop()
-        note(f"requests to B: {traffic.ok} ok, {len(traffic.failed)} failed")
-        note(f"answers by version: {dict(traffic.versions)}")
-        note(f"version switches seen by the client: {traffic.first_seen}")
-        for failure in traffic.failed[:20]:
-            note(f"FAILED request: {failure}")
-        gto = str(BIN / "gto")
-        for argv in ([gto, "show", "-r", str(origin)], [gto, "history", "-r", str(origin)]):
-            try:
-                shown = run(argv, tmp_path, dict(os.environ))
-            except AssertionError as err:
-                shown = str(err)
-            log_lines.append(f"$ {' '.join(argv[1:])}\n{shown}")
-        log_lines.append("--- service B log (tail) ---\n" + tail(b_process.log, 40))
-        text = "\n".join(log_lines) + "\n"
-        (tmp_path / "registry-e2e.txt").write_text(text)
-        if os.environ.get("REGISTRY_E2E_LOG"):
-            Path(os.environ["REGISTRY_E2E_LOG"]).write_text(text)
-        print(text)
-    assert traffic.ok > 0 and not traffic.failed, traffic.failed[:5]
-    slow = [(v, round(s, 1)) for v, s in switches if s > 2 * INTERVAL_S]
-    assert not slow, f"B took longer than two poll intervals ({2 * INTERVAL_S} s): {slow}"
+        note_traffic(story, traffic)
+        note_registry(story, origin, tmp_path)
+        write_story(story, b_process, tmp_path)
+    check_no_request_failed(traffic)
+    check_switches_within_two_intervals(story.switches)

@@ -20,13 +20,13 @@ import pytest
 import torch
 import uvicorn
 
-from pipeline.config import ServeConfig
-from pipeline.dirswap import atomic_dir
-from pipeline.export import export_onnx
-from pipeline.model_io import LoadedModel
-from pipeline.models import build_model
+from pipeline.core.config import ServeConfig
+from pipeline.core.dirswap import atomic_dir
+from pipeline.handoff.export import export_onnx
 from pipeline.serving.model_store import MODEL_FILE, ModelStore
 from pipeline.serving.server import create_app, uvicorn_config
+from pipeline.training.model_io import LoadedModel
+from pipeline.training.models import build_model
 
 MEAN, STD = 0.1307, 0.3081
 

@@ -1,6 +1,6 @@
 """Tests of pipeline/serving/follower.py: ``serve --follow`` against a real registry.
 
-A bare git repository with GTO tags and a local DVC remote (tests/registry_repo.py) play
+A bare git repository with GTO tags and a local DVC remote (tests/helpers/registry_repo.py) play
 the project's remotes; a checkout records versions into them. The service side has no
 checkout: only the git URL. It keeps serving through an unreachable git remote, an
 unreachable DVC remote and a corrupted model file, and says why in /readyz and /v1/model.
@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from registry_repo import World, make_pool, repro, set_params
 
-from pipeline.config import ServeConfig, load_config
-from pipeline.lineage import record
+from pipeline.core.config import ServeConfig, load_config
+from pipeline.release.registry import record
 from pipeline.serving.follower import RegistryFollower
 from pipeline.serving.model_store import ModelStore
 from pipeline.serving.server import create_app
+from tests.helpers.registry_repo import World, make_pool, repro, set_params
 
 SERVE = replace(ServeConfig(), device="cpu", reload_interval_s=0.05)
 IMAGE = [[[0.0] * 28] * 28]

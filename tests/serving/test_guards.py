@@ -17,13 +17,13 @@ import httpx
 import pytest
 from PIL import Image, ImageDraw
 
-from pipeline.errors import ConfigError
+from pipeline.core.errors import ConfigError
 from pipeline.serving.guards import Overloaded, WorkSlots
 from pipeline.serving.model_store import MODEL_FILE, ModelStore
 from pipeline.serving.server import is_loopback, resolve_token
+from tests.helpers.hostile import huge_png, lying_jpeg, lying_png, three_class_onnx
 
 from .conftest import TEST_SERVE, LiveServer
-from .hostile import huge_png, lying_jpeg, lying_png, three_class_onnx
 
 Factory = Callable[..., LiveServer]
 

@@ -1,4 +1,4 @@
-"""issue 10's bounded hostile-input load test, for real: 20 s at concurrency 8 against
+"""The bounded hostile-input load test, for real: 20 s at concurrency 8 against
 ``python -m pipeline serve`` on loopback (benchmarks/hostile_load_test.py)."""
 
 from __future__ import annotations

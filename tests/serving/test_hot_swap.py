@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from pipeline.atomic import sha256_file
+from pipeline.core.atomic import sha256_file
 
 from .conftest import LiveServer
 

@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFile
 
-from pipeline.errors import ImageDecodeError
+from pipeline.core.errors import ImageDecodeError
 from pipeline.serving.imaging import WORK_SIDE, decode, normalise_digit, to_mnist
-
-from .hostile import huge_png, lying_jpeg, lying_png
+from tests.helpers.hostile import huge_png, lying_jpeg, lying_png
 
 
 def encode(img: Image.Image, fmt: str = "PNG", **kw: object) -> bytes:
@@ -90,7 +89,7 @@ def test_real_mnist_digit_round_trips(mnist_prepared: object) -> None:
     """An upscaled, inverted real MNIST digit comes back close to the original."""
     from pathlib import Path
 
-    from pipeline.dataset import load_split
+    from pipeline.data.dataset import load_split
 
     images = load_split(Path(str(mnist_prepared)), "test").images[:100]
     corr = []
@@ -134,7 +133,7 @@ def test_normalise_digit_rejects_non_2d() -> None:
 
 
 def test_lying_jpeg_is_refused_before_decoding() -> None:
-    """issue 10: ~2 KB of JPEG whose header claims 6000x6000 (libjpeg would pad with grey)."""
+    """~2 KB of JPEG whose header claims 6000x6000 (libjpeg would pad with grey)."""
     data = lying_jpeg()
     assert len(data) < 2500 and Image.open(io.BytesIO(data)).size == (6000, 6000)
     with pytest.raises(ImageDecodeError, match="6000x6000 = 36000000 pixels; the limit is 16"):

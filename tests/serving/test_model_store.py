@@ -10,12 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-import pipeline.onnx_runtime as onnx_runtime
-from pipeline.atomic import sha256_file
-from pipeline.errors import ModelFileError
+import pipeline.handoff.onnx_runtime as onnx_runtime
+from pipeline.core.atomic import sha256_file
+from pipeline.core.errors import ModelFileError
 from pipeline.serving.model_store import MODEL_FILE, ModelStore, load_model
-
-from .hostile import three_class_onnx
+from tests.helpers.hostile import three_class_onnx
 
 
 def test_load_reads_hash_metadata_and_predicts(onnx_models: tuple[Path, Path]) -> None:
@@ -129,7 +128,7 @@ def test_poll_swaps_on_directory_replacement_and_keeps_old_on_bad_file(
 def test_three_class_model_is_refused_at_start_and_on_swap(
     tmp_path: Path, onnx_models: tuple[Path, Path], install_model: Callable[[Path, Path], None]
 ) -> None:
-    """issue 10: right input/output names, 3 classes: never served; the old model stays."""
+    """Right input/output names, 3 classes: never served; the old model stays."""
     wrong = tmp_path / "three.onnx"
     wrong.write_bytes(three_class_onnx())
     with pytest.raises(ModelFileError, match=r"output 'logits' must be float32 \[N,10\]"):

@@ -12,9 +12,9 @@ from PIL import Image, ImageDraw
 
 from pipeline.serving.imaging import to_mnist
 from pipeline.serving.model_store import MODEL_FILE, load_model
+from tests.helpers.hostile import huge_png, lying_jpeg
 
 from .conftest import with_metadata
-from .hostile import huge_png, lying_jpeg
 
 ROOT = Path(__file__).resolve().parents[2]
 

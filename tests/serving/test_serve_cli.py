@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 
-from pipeline.atomic import sha256_file
+from pipeline.core.atomic import sha256_file
 from pipeline.serving.model_store import MODEL_FILE
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from pipeline.atomic import sha256_file
+from pipeline.core.atomic import sha256_file
 from pipeline.serving.model_store import MODEL_FILE, ModelStore, load_model
 from pipeline.serving.server import parse_batch
 
@@ -340,7 +340,7 @@ def test_no_threshold_in_the_model_means_confident_null(client: httpx.Client) ->
 def test_an_unreadable_threshold_refuses_the_model(
     tmp_path: Path, onnx_models: tuple[Path, Path], bad: str
 ) -> None:
-    from pipeline.errors import ModelFileError
+    from pipeline.core.errors import ModelFileError
 
     model = with_metadata(onnx_models[0], tmp_path / MODEL_FILE, confidence_threshold=bad)
     with pytest.raises(ModelFileError, match="confidence_threshold"):

@@ -1,0 +1,2 @@
+"""Shared foundations: the configuration, named errors, atomic files and directory swaps,
+JSON I/O, dotted keys, the model contract."""

@@ -1,0 +1,2 @@
+"""The export stage: ONNX export, parity, quantization, onnxruntime sessions and ONNX
+metadata."""

@@ -1,0 +1,2 @@
+"""The evaluate stage: test metrics, the robustness suite, calibration, abstention,
+the quality report."""
