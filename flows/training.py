@@ -80,11 +80,11 @@ def publish_report(
 class _Run:
     """One flow run: the stages DVC ran or skipped, and the report of how it ended."""
 
-    def __init__(self, root: Path, prepared: PreparedParams) -> None:
+    def __init__(self, root: Path, stages: tuple[str, ...], prepared: PreparedParams) -> None:
         self.root = root
         self.prepared = prepared
         self.cfg = prepared.cfg
-        self.stages = pipeline_stages(root)
+        self.stages = stages
         self.done: dict[str, str] = {}
         self.logger = get_run_logger()
 
@@ -165,7 +165,9 @@ def training_pipeline(
     Returns a summary: profile, params hash, what each stage did, whether it pushed.
     """
     root = Path(repo).expanduser().resolve() if repo else Path.cwd()
-    run = _Run(root, prepare_params(root, profile, params))
+    # Read before params.yaml is composed: an unreadable dvc.yaml leaves it untouched.
+    stages = pipeline_stages(root)
+    run = _Run(root, stages, prepare_params(root, profile, params))
     cfg = run.cfg
     do_push = cfg.flow.push_to_remote if push is None else push
     do_record = cfg.registry.record if record is None else record
